@@ -1,0 +1,239 @@
+"""Loss benchmark: fwd+bwd time and per-rank peak memory of ClipLoss (ours vs open_clip's)
+and SoftCLIPLoss, plus the GFLOP/s that fine_similarity reaches against a plain matmul.
+
+    .venv/bin/python bench/loss.py                    # the README figures (CPU, ~10 min)
+    .venv/bin/python bench/loss.py --sizes 1024 --worlds 1 --repeats 1   # quick look
+
+Every measurement runs in fresh processes (one per rank, real gloo/nccl all-gathers), so
+peak memory is that process's own: the rise of its peak RSS (CPU) or max allocated (CUDA)
+over what it held before the first loss call (Linux's VmHWM, reset through clear_refs). Baselines run beside ours in the same run.
+SoftCLIP's target similarity is O(N^2 M^2 D) FLOPs: on a 2-core CPU the N=8192 full-batch
+case takes many minutes, so cases whose estimated time exceeds --softclip-budget-s are
+printed as skipped with the estimate, and memory scaling is measured at a fixed per-rank
+batch b (rank 0 of W = N / b simulated ranks, gathered columns given), the regime of a
+large multi-node run.
+"""
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+D, K, M = 512, 4, 16
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def start_peak(device):
+    """Reset the peak counter and return the memory held now (bytes)."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as f:   # "5" resets VmHWM, the peak RSS (Linux >= 4.0)
+        f.write("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_bytes(device):
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return _status_kib("VmHWM") * 1024
+
+
+def make_inputs(b, device, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def unit(*shape):
+        return F.normalize(torch.randn(*shape, generator=g), dim=-1).to(device)
+
+    mask = torch.rand(b, M, generator=g) > 0.3
+    mask[:, 0] = True
+    return dict(image_emb=unit(b, D).requires_grad_(), text_emb=unit(b, D).requires_grad_(),
+                logit_scale=torch.tensor([20.0], device=device, requires_grad=True),
+                image_tokens=unit(b, K, D), text_tokens=unit(b, M, D), text_mask=mask.to(device))
+
+
+def build_loss(name, rank, world_size):
+    import open_clip
+
+    from losses import ClipLoss, SoftCLIPLoss
+
+    if name == "open_clip":
+        oc = open_clip.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
+        return lambda x: oc(x["image_emb"], x["text_emb"], x["logit_scale"])
+    if name == "clip":
+        ours = ClipLoss(rank=rank, world_size=world_size)
+        return lambda x: ours(x["image_emb"], x["text_emb"], x["logit_scale"])["loss"]
+    soft = SoftCLIPLoss(rank=rank, world_size=world_size)
+    return lambda x: soft(**x)["loss"]
+
+
+def rank_worker(rank, world_size, port, case, queue):
+    device = case["device"]
+    torch.set_num_threads(max(1, case["threads"] // world_size))
+    if world_size > 1:
+        backend = "nccl" if device == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}",
+                                             rank=rank, world_size=world_size)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    b = case["n"] // world_size
+    inputs = make_inputs(b, device, seed=rank)
+    loss_fn = build_loss(case["loss"], rank, world_size)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    base = start_peak(device)
+    times = []
+    for i in range(case["repeats"] + 1):           # the first call is warm-up
+        sync()
+        t0 = time.perf_counter()
+        loss_fn(inputs).backward()
+        sync()
+        if i:
+            times.append(time.perf_counter() - t0)
+        for key in ("image_emb", "text_emb", "logit_scale"):
+            inputs[key].grad = None
+    queue.put((rank, statistics.median(times), peak_bytes(device) - base))
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure(case):
+    """Run one case in `world` fresh processes; return (median seconds, max per-rank peak bytes)."""
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=rank_worker, args=(r, case["world"], port, case, queue))
+             for r in range(case["world"])]
+    for p in procs:
+        p.start()
+    results = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+        if p.exitcode:
+            raise RuntimeError(f"benchmark rank failed for {case}")
+    return max(r[1] for r in results), max(r[2] for r in results)
+
+
+def fine_similarity_rate(device, n=512, N=1024, repeats=3):
+    """GFLOP/s of fine_similarity on text tokens vs a plain matmul with the same FLOPs."""
+    from losses import fine_similarity
+
+    torch.manual_seed(0)
+    x = F.normalize(torch.randn(N, M, D, device=device), dim=-1)
+    mask = torch.rand(N, M, device=device) > 0.3
+    mask[:, 0] = True
+    a, bmat = torch.randn(n * M, D, device=device), torch.randn(D, N * M, device=device)
+    flops = 2 * n * M * N * M * D
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def rate(fn):
+        fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        sync()
+        return flops * repeats / (time.perf_counter() - t0) / 1e9
+
+    matmul = rate(lambda: a @ bmat)
+    fine = rate(lambda: fine_similarity(x[:n], mask[:n], x, mask))
+    return fine, matmul
+
+
+def fixed_b_memory(device, b, sizes, threads):
+    """Peak memory of one rank's SoftCLIP loss at fixed b as N grows (columns pre-gathered)."""
+    out = {}
+    ctx = mp.get_context("spawn")
+    for N in sizes:
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_fixed_b_worker, args=(device, b, N, threads, queue))
+        proc.start()
+        out[N] = queue.get()
+        proc.join()
+    return out
+
+
+def _fixed_b_worker(device, b, N, threads, queue):
+    from losses import softclip_loss
+    from losses.clip import clip_logits
+    from losses.softclip import fine_similarity
+
+    torch.set_num_threads(threads)
+    cols = make_inputs(N, device, seed=0)
+    rows = {k: v[:b].detach().clone().requires_grad_(v.requires_grad) for k, v in cols.items()}
+    base = start_peak(device)
+    t0 = time.perf_counter()
+    lv, lt = clip_logits(rows["image_emb"], rows["text_emb"], cols["image_emb"], cols["text_emb"],
+                         rows["logit_scale"].reshape(()))
+    fine = 0.5 * (fine_similarity(rows["image_tokens"], None, cols["image_tokens"], None)
+                  + fine_similarity(rows["text_tokens"], rows["text_mask"],
+                                    cols["text_tokens"], cols["text_mask"]))
+    softclip_loss(lv, lt, fine, 0, 0.2, 1.0, 0.1)["loss"].backward()
+    queue.put((time.perf_counter() - t0, peak_bytes(device) - base))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 8192])
+    ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--fixed-b", type=int, default=256)
+    ap.add_argument("--softclip-budget-s", type=float, default=90.0,
+                    help="skip SoftCLIP cases estimated to take longer than this per call")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    threads = torch.get_num_threads()
+    print(f"# bench/loss.py on {args.device}, {threads} threads, torch {torch.__version__}")
+    print(f"# command: {' '.join(sys.argv)}\n")
+
+    fine_rate, matmul_rate = fine_similarity_rate(args.device)
+    print(f"fine_similarity: {fine_rate:.1f} GFLOP/s vs plain matmul {matmul_rate:.1f} GFLOP/s "
+          f"({100 * fine_rate / matmul_rate:.0f}%)  [text tokens, n=512, N=1024, M={M}, D={D}]\n")
+
+    print("| N | W | loss | fwd+bwd ms | per-rank peak MiB | vs open_clip |")
+    print("|---|---|---|---|---|---|")
+    for n in args.sizes:
+        for world in args.worlds:
+            base = dict(n=n, world=world, device=args.device, threads=threads, repeats=args.repeats)
+            oc_t, oc_m = measure({**base, "loss": "open_clip"})
+            ours_t, ours_m = measure({**base, "loss": "clip"})
+            print(f"| {n} | {world} | open_clip ClipLoss | {oc_t * 1e3:.1f} | {oc_m / 2**20:.0f} | 1.00x |")
+            print(f"| {n} | {world} | ClipLoss | {ours_t * 1e3:.1f} | {ours_m / 2**20:.0f} | "
+                  f"{ours_t / oc_t:.2f}x |")
+            est = 2 * (n // world) * n * (M * M + K * K) * D / (fine_rate * 1e9) * (args.repeats + 1)
+            if est > args.softclip_budget_s * (args.repeats + 1):
+                print(f"| {n} | {world} | SoftCLIPLoss | skipped (est. {est / (args.repeats + 1):.0f} s"
+                      f" per call) | | |")
+                continue
+            s_t, s_m = measure({**base, "loss": "softclip"})
+            print(f"| {n} | {world} | SoftCLIPLoss | {s_t * 1e3:.1f} | {s_m / 2**20:.0f} | "
+                  f"{s_t / oc_t:.2f}x |")
+        sys.stdout.flush()
+
+    b = args.fixed_b
+    mem = fixed_b_memory(args.device, b, sorted({4096, 8192} | set(args.sizes)), threads)
+    print(f"\nSoftCLIP per-rank peak at fixed b={b} (rank 0 of N/b ranks):")
+    for N, (secs, peak) in mem.items():
+        print(f"  N={N}: {peak / 2**20:.0f} MiB, {secs:.1f} s")
+    if 4096 in mem and 8192 in mem:
+        print(f"  growth N=4096 -> 8192: {mem[8192][1] / mem[4096][1]:.2f}x (linear = 2.00x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""SoftCLIP: softer cross-modal alignment (Gao et al., 2023, arXiv 2303.17561).
+
+With L2-normalised embeddings v_i, t_i and the (exponentiated) logit scale s:
+
+  L_ij  = s v_i·t_j,   P^{v→t}_i = softmax_j L_ij,   P^{t→v}_i = softmax_j L_ji
+  F_ij  = fine-grained intra-modal self-similarity of pairs i and j (no gradient)
+  S_i   = softmax_j(F_ij / τ_s),           Y = (1 − α) I + α S          (soft targets)
+  L_soft = ½ [ mean_i H(Y_i, P^{v→t}_i) + mean_i H(Y_i, P^{t→v}_i) ]
+  L_neg  = ½ Σ_{v→t, t→v} mean_i KL(Ŷ_i ‖ P̂_i)    (the positive j = i dropped and both
+           distributions renormalised over the negatives: "disentangled negatives")
+  L      = L_soft + β L_neg
+
+α = β = 0 is exactly CLIP's InfoNCE. Arithmetic is fp32 whatever the input dtype.
+Across ranks each rank scores its own b rows against all N gathered columns; the
+positive of local row i is column ``offset + i``.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .clip import at_least_fp32, check_embeddings, clip_logits
+from .distributed import all_gather_no_grad, check_gather_mode, gather_embeddings
+
+SOFT_SOURCES = ("image", "text", "both")
+
+
+def _valid_mask(x: torch.Tensor, mask, name: str) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    if mask.shape != x.shape[:2]:
+        raise ValueError(f"{name} has shape {tuple(mask.shape)} but its tokens are "
+                         f"{tuple(x.shape)}: it must be [batch, tokens] = {tuple(x.shape[:2])}.")
+    empty = (~mask.bool()).all(dim=1).nonzero().flatten()
+    if len(empty):
+        raise ValueError(f"{name} marks no valid token in row(s) {empty[:8].tolist()}: every "
+                         "sample needs at least one valid token (an empty caption should be "
+                         "skipped by the data pipeline, not passed to the loss).")
+    return mask.bool()
+
+
+@torch.no_grad()
+def fine_similarity(x, mask=None, x_all=None, mask_all=None, chunk_bytes: int = 256 << 20):
+    """Late-interaction similarity between token sets, f(i, j) for rows i of ``x``, columns j of ``x_all``.
+
+    f(i,j) = ½ ( mean_{k valid in i} max_{m valid in j} x_ik·x_jm
+               + mean_{m valid in j} max_{k valid in i} x_ik·x_jm )
+
+    Args:
+        x: [n, K, D] token features of the rows; mask: [n, K] bool validity (None = all valid).
+        x_all, mask_all: [N, M, D] and [N, M] for the columns; default to ``x`` and ``mask``.
+        chunk_bytes: bound on the [n, K, c, M] similarity block kept at once.
+    Returns:
+        [n, N] fp32 tensor. For L2-normalised features f(i, i) = 1, each row's maximum.
+    """
+    if x_all is None:
+        x_all, mask_all = x, mask
+    if x.dim() != 3 or x_all.dim() != 3 or x.shape[-1] != x_all.shape[-1]:
+        raise ValueError(f"fine_similarity needs token features [batch, tokens, dim] with the same "
+                         f"dim on both sides; got {tuple(x.shape)} and {tuple(x_all.shape)}.")
+    mask = _valid_mask(x, mask, "mask")
+    mask_all = _valid_mask(x_all, mask_all, "mask_all")
+    x, x_all = at_least_fp32(x), at_least_fp32(x_all)
+    (n, K, _), (N, M, _) = x.shape, x_all.shape
+
+    # Fold both validity masks into the one matmul: two extra coordinates make
+    #   x'_k·x'_m = x_k·x_m − big·[k invalid] − big·[m invalid],
+    # so a plain max ignores invalid tokens and no separate masking pass over the
+    # [n, K, N, M] block is needed. `big` is finite so that invalid rows, which get
+    # weight 0 in the means below, contribute 0 rather than 0·inf = NaN.
+    big = 2 * x.norm(dim=-1).amax() * x_all.norm(dim=-1).amax() + 1
+    ones_r, ones_c = x.new_ones(n, K, 1), x.new_ones(N, M, 1)
+    invalid_r, invalid_c = (~mask)[..., None].to(x.dtype), (~mask_all)[..., None].to(x.dtype)
+    rows = torch.cat([x, ones_r, -big * invalid_r], dim=-1).reshape(n * K, -1)
+    cols = torch.cat([x_all, -big * invalid_c, ones_c], dim=-1)
+    w_rows = mask.to(x.dtype) / mask.sum(1, keepdim=True)          # [n, K] weights of the mean over k
+    w_cols = mask_all.to(x.dtype) / mask_all.sum(1, keepdim=True)  # [N, M] weights of the mean over m
+
+    out = x.new_empty(n, N)
+    step = max(1, chunk_bytes // (4 * n * K * M))
+    for j in range(0, N, step):
+        c = min(step, N - j)
+        sim = (rows @ cols[j:j + c].reshape(c * M, -1).T).view(n, K, c, M)
+        best_in_j = sim.amax(dim=3)                              # [n, K, c]: each token of i
+        best_in_i = sim.amax(dim=1)                              # [n, c, M]: each token of j
+        out[:, j:j + c] = 0.5 * (torch.einsum("nkc,nk->nc", best_in_j, w_rows)
+                                 + torch.einsum("ncm,cm->nc", best_in_i, w_cols[j:j + c]))
+    return out
+
+
+def softclip_loss(logits_v2t, logits_t2v, fine_sim, offset: int, alpha: float, beta: float,
+                  soft_temperature: float) -> dict:
+    """The SoftCLIP objective for b rows against N columns.
+
+    Args:
+        logits_v2t, logits_t2v: [b, N] fp32 logits s·v_i·t_j and s·t_i·v_j of this rank's rows.
+        fine_sim: [b, N] F of the same rows and columns (targets only: no gradient flows).
+        offset: column of row 0's positive (rank * b for a local loss, 0 for the full batch).
+    Returns:
+        dict of scalars: loss, soft, neg, and the target statistics s_diag (mean S_ii) and
+        s_entropy (mean entropy of S_i, nats).
+    """
+    b, N = logits_v2t.shape
+    positive = torch.zeros(b, N, dtype=torch.bool, device=logits_v2t.device)
+    positive[torch.arange(b), torch.arange(b) + offset] = True
+
+    # soft targets Y = (1 − α) I + α S
+    target_logits = at_least_fp32(fine_sim.detach()) / soft_temperature
+    log_s = F.log_softmax(target_logits, dim=1)
+    s = log_s.exp()
+    y = (1 - alpha) * positive.to(s.dtype) + alpha * s
+
+    # soft alignment: cross-entropy of both directions against Y
+    def cross_entropy(logits):
+        return -(y * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+    soft = 0.5 * (cross_entropy(logits_v2t) + cross_entropy(logits_t2v))
+
+    # disentangled negatives: drop the positive column of each row, renormalise, compare
+    def negatives(t):
+        return t[~positive].view(b, N - 1)
+
+    log_y_hat = F.log_softmax(negatives(target_logits), dim=1)
+    y_hat = log_y_hat.exp()
+
+    def kl(logits):
+        return (y_hat * (log_y_hat - F.log_softmax(negatives(logits), dim=1))).sum(1).mean()
+
+    neg = 0.5 * (kl(logits_v2t) + kl(logits_t2v))
+    return {"loss": soft + beta * neg, "soft": soft, "neg": neg,
+            "s_diag": s[positive].mean(), "s_entropy": -(s * log_s).sum(1).mean()}
+
+
+class SoftCLIPLoss(nn.Module):
+    """Gathers features across ranks, builds F from the chosen modality, calls :func:`softclip_loss`.
+
+    Args:
+        alpha: weight of S in the soft target Y (0 = one-hot, CLIP).
+        beta: weight of the disentangled-negatives KL term.
+        soft_temperature: τ_s, the temperature of the softmax that turns F into S.
+        soft_source: which self-similarity builds F: "image", "text" or "both" (their mean).
+        local_loss, gather_with_grad, rank, world_size: as for :class:`losses.ClipLoss`.
+    """
+
+    def __init__(self, alpha: float = 0.2, beta: float = 1.0, soft_temperature: float = 0.1,
+                 soft_source: str = "both", local_loss: bool = True,
+                 gather_with_grad: bool = True, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        if soft_source not in SOFT_SOURCES:
+            raise ValueError(f"soft_source={soft_source!r} is not one of {SOFT_SOURCES}.")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha={alpha} must lie in [0, 1] (it mixes one-hot and soft targets).")
+        if beta < 0:
+            raise ValueError(f"beta={beta} must be >= 0 (it weights a KL divergence).")
+        if soft_temperature <= 0:
+            raise ValueError(f"soft_temperature={soft_temperature} must be > 0.")
+        check_gather_mode(local_loss, gather_with_grad)
+        self.alpha, self.beta, self.soft_temperature = alpha, beta, soft_temperature
+        self.soft_source = soft_source
+        self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
+        self.rank, self.world_size = rank, world_size
+
+    def forward(self, image_emb, text_emb, logit_scale, image_tokens, text_tokens, text_mask,
+                image_mask=None) -> dict:
+        scale = check_embeddings(image_emb, text_emb, logit_scale)
+        b = image_emb.shape[0]
+        for name, tokens in (("image_tokens", image_tokens), ("text_tokens", text_tokens)):
+            if tokens.dim() != 3 or tokens.shape[0] != b:
+                raise ValueError(f"{name} must be [batch={b}, tokens, dim]; got {tuple(tokens.shape)}.")
+
+        all_image, all_text = gather_embeddings(
+            image_emb, text_emb, self.rank, self.world_size, self.gather_with_grad)
+        if self.local_loss:
+            rows_image, rows_text, offset = image_emb, text_emb, self.rank * b
+        else:
+            rows_image, rows_text, offset = all_image, all_text, 0
+        logits_v2t, logits_t2v = clip_logits(rows_image, rows_text, all_image, all_text, scale)
+        fine_sim = self.target_similarity(image_tokens, text_tokens, text_mask, image_mask)
+        return softclip_loss(logits_v2t, logits_t2v, fine_sim, offset,
+                             self.alpha, self.beta, self.soft_temperature)
+
+    @torch.no_grad()
+    def target_similarity(self, image_tokens, text_tokens, text_mask, image_mask=None):
+        """F for this rank's rows (or all rows) against all N columns, from the chosen source."""
+        sims = []
+        if self.soft_source in ("image", "both"):
+            sims.append(self._gathered_similarity(image_tokens, image_mask, "image_mask"))
+        if self.soft_source in ("text", "both"):
+            sims.append(self._gathered_similarity(text_tokens, text_mask, "text_mask"))
+        return sum(sims) / len(sims)
+
+    def _gathered_similarity(self, tokens, mask, mask_name):
+        mask = _valid_mask(tokens, mask, mask_name)      # check locally, before any collective
+        all_tokens = all_gather_no_grad(tokens, self.world_size)
+        all_mask = all_gather_no_grad(mask, self.world_size)
+        if self.local_loss:
+            return fine_similarity(tokens, mask, all_tokens, all_mask)
+        return fine_similarity(all_tokens, all_mask)
