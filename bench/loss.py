@@ -170,9 +170,8 @@ def fixed_b_memory(device, b, sizes, threads):
 
 
 def _fixed_b_worker(device, b, N, threads, queue):
-    from losses import softclip_loss
+    from losses import fine_similarity, positive_mask, soft_target_logits, softclip_loss
     from losses.clip import clip_logits
-    from losses.softclip import fine_similarity
 
     torch.set_num_threads(threads)
     cols = make_inputs(N, device, seed=0)
@@ -184,7 +183,9 @@ def _fixed_b_worker(device, b, N, threads, queue):
     fine = 0.5 * (fine_similarity(rows["image_tokens"], None, cols["image_tokens"], None)
                   + fine_similarity(rows["text_tokens"], rows["text_mask"],
                                     cols["text_tokens"], cols["text_mask"]))
-    softclip_loss(lv, lt, fine, 0, 0.2, 1.0, 0.1)["loss"].backward()
+    positive = positive_mask(b, N, 0, device=device)
+    target = soft_target_logits(fine, positive, 0.1)
+    softclip_loss(lv, lt, target, positive, 0.2, 1.0)["loss"].backward()
     queue.put((time.perf_counter() - t0, peak_bytes(device) - base))
 
 

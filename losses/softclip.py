@@ -92,24 +92,49 @@ def fine_similarity(x, mask=None, x_all=None, mask_all=None, chunk_bytes: int = 
     return out
 
 
-def softclip_loss(logits_v2t, logits_t2v, fine_sim, offset: int, alpha: float, beta: float,
-                  soft_temperature: float) -> dict:
+def positive_mask(b: int, N: int, offset: int, device=None) -> torch.Tensor:
+    """[b, N] bool, True at column ``offset + i`` of row i: where each row's own pair sits."""
+    positive = torch.zeros(b, N, dtype=torch.bool, device=device)
+    positive[torch.arange(b), torch.arange(b, device=device) + offset] = True
+    return positive
+
+
+@torch.no_grad()
+def soft_target_logits(fine_sim, positive, soft_temperature: float, standardize: bool = False,
+                       topk: int | None = None) -> torch.Tensor:
+    """Logits of S, so that S_i = softmax_j(result_ij). Target shaping options:
+
+    standardize: per-row standardisation of F before the temperature, so that τ_s acts on
+        a fixed spread whatever the source's similarity range (immature token features
+        all sit in a narrow band, which a fixed τ_s turns into a near-uniform S).
+    topk: keep only each row's k most similar columns (its own pair always kept; the rest
+        get −inf). A full softmax over N columns flattens as the global batch grows; over
+        a fixed neighbourhood S keeps its meaning at any N and world size.
+    """
+    f = at_least_fp32(fine_sim.detach())
+    if standardize:
+        f = (f - f.mean(1, keepdim=True)) / (f.std(1, keepdim=True) + 1e-6)
+    logits = f / soft_temperature
+    if topk is not None and topk < f.shape[1]:
+        keep = torch.zeros_like(positive).scatter_(1, f.topk(topk, dim=1).indices, True) | positive
+        logits = logits.masked_fill(~keep, float("-inf"))
+    return logits
+
+
+def softclip_loss(logits_v2t, logits_t2v, target_logits, positive, alpha: float, beta: float) -> dict:
     """The SoftCLIP objective for b rows against N columns.
 
     Args:
-        logits_v2t, logits_t2v: [b, N] fp32 logits s·v_i·t_j and s·t_i·v_j of this rank's rows.
-        fine_sim: [b, N] F of the same rows and columns (targets only: no gradient flows).
-        offset: column of row 0's positive (rank * b for a local loss, 0 for the full batch).
+        logits_v2t, logits_t2v: [b, N] logits s·v_i·t_j and s·t_i·v_j of this rank's rows.
+        target_logits: [b, N] logits of S for the same rows and columns (no gradient flows).
+        positive: [b, N] bool, True where a row's own pair sits (see :func:`positive_mask`).
     Returns:
         dict of scalars: loss, soft, neg, and the target statistics s_diag (mean S_ii) and
         s_entropy (mean entropy of S_i, nats).
     """
     b, N = logits_v2t.shape
-    positive = torch.zeros(b, N, dtype=torch.bool, device=logits_v2t.device)
-    positive[torch.arange(b), torch.arange(b) + offset] = True
 
     # soft targets Y = (1 − α) I + α S
-    target_logits = at_least_fp32(fine_sim.detach()) / soft_temperature
     log_s = F.log_softmax(target_logits, dim=1)
     s = log_s.exp()
     y = (1 - alpha) * positive.to(s.dtype) + alpha * s
@@ -124,15 +149,15 @@ def softclip_loss(logits_v2t, logits_t2v, fine_sim, offset: int, alpha: float, b
     def negatives(t):
         return t[~positive].view(b, N - 1)
 
-    log_y_hat = F.log_softmax(negatives(target_logits), dim=1)
-    y_hat = log_y_hat.exp()
+    y_hat = F.softmax(negatives(target_logits), dim=1)
+    y_hat_log_y_hat = torch.special.xlogy(y_hat, y_hat)      # 0·log 0 = 0 outside a top-k
 
     def kl(logits):
-        return (y_hat * (log_y_hat - F.log_softmax(negatives(logits), dim=1))).sum(1).mean()
+        return (y_hat_log_y_hat - y_hat * F.log_softmax(negatives(logits), dim=1)).sum(1).mean()
 
     neg = 0.5 * (kl(logits_v2t) + kl(logits_t2v))
     return {"loss": soft + beta * neg, "soft": soft, "neg": neg,
-            "s_diag": s[positive].mean(), "s_entropy": -(s * log_s).sum(1).mean()}
+            "s_diag": s[positive].mean(), "s_entropy": -torch.special.xlogy(s, s).sum(1).mean()}
 
 
 class SoftCLIPLoss(nn.Module):
@@ -143,11 +168,16 @@ class SoftCLIPLoss(nn.Module):
         beta: weight of the disentangled-negatives KL term.
         soft_temperature: τ_s, the temperature of the softmax that turns F into S.
         soft_source: which self-similarity builds F: "image", "text" or "both" (their mean).
+        standardize: standardise each row of F before τ_s (see :func:`soft_target_logits`).
+        topk: restrict S to each row's k nearest columns (None: all N, as in the paper).
+        warmup_steps: ramp α and β linearly from 0 over this many steps (forward's ``step``),
+            so that targets from immature features do not steer the start of training.
         local_loss, gather_with_grad, rank, world_size: as for :class:`losses.ClipLoss`.
     """
 
     def __init__(self, alpha: float = 0.2, beta: float = 1.0, soft_temperature: float = 0.1,
-                 soft_source: str = "both", local_loss: bool = True,
+                 soft_source: str = "both", standardize: bool = False, topk: int | None = None,
+                 warmup_steps: int = 0, local_loss: bool = True,
                  gather_with_grad: bool = True, rank: int = 0, world_size: int = 1):
         super().__init__()
         if soft_source not in SOFT_SOURCES:
@@ -158,19 +188,40 @@ class SoftCLIPLoss(nn.Module):
             raise ValueError(f"beta={beta} must be >= 0 (it weights a KL divergence).")
         if soft_temperature <= 0:
             raise ValueError(f"soft_temperature={soft_temperature} must be > 0.")
+        if topk is not None and topk < 2:
+            raise ValueError(f"topk={topk} must be >= 2 (the pair itself and at least one negative), "
+                             "or None to use every column.")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps={warmup_steps} must be >= 0.")
         check_gather_mode(local_loss, gather_with_grad)
         self.alpha, self.beta, self.soft_temperature = alpha, beta, soft_temperature
-        self.soft_source = soft_source
+        self.soft_source, self.standardize, self.topk = soft_source, standardize, topk
+        self.warmup_steps = warmup_steps
         self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
         self.rank, self.world_size = rank, world_size
 
+    def ramp(self, step: int | None) -> float:
+        """Fraction of α and β in force at ``step`` (1 without warm-up or without a step)."""
+        if step is None or self.warmup_steps == 0:
+            return 1.0
+        return min(1.0, step / self.warmup_steps)
+
     def forward(self, image_emb, text_emb, logit_scale, image_tokens, text_tokens, text_mask,
-                image_mask=None) -> dict:
+                image_mask=None, step: int | None = None) -> dict:
+        """Token features only build targets: those of a modality that ``soft_source`` does
+        not use may be None. They need not come from the model being trained (precomputed
+        or teacher features work the same) and may have their own width."""
         scale = check_embeddings(image_emb, text_emb, logit_scale)
         b = image_emb.shape[0]
+        needed = {"image": ["image_tokens"], "text": ["text_tokens"],
+                  "both": ["image_tokens", "text_tokens"]}[self.soft_source]
         for name, tokens in (("image_tokens", image_tokens), ("text_tokens", text_tokens)):
-            if tokens.dim() != 3 or tokens.shape[0] != b:
-                raise ValueError(f"{name} must be [batch={b}, tokens, dim]; got {tuple(tokens.shape)}.")
+            if tokens is None and name not in needed:
+                continue
+            if tokens is None or tokens.dim() != 3 or tokens.shape[0] != b:
+                tokens_shape = None if tokens is None else tuple(tokens.shape)
+                raise ValueError(f"{name} must be [batch={b}, tokens, dim] for soft_source="
+                                 f"{self.soft_source!r}; got {tokens_shape}.")
 
         all_image, all_text = gather_embeddings(
             image_emb, text_emb, self.rank, self.world_size, self.gather_with_grad)
@@ -179,9 +230,13 @@ class SoftCLIPLoss(nn.Module):
         else:
             rows_image, rows_text, offset = all_image, all_text, 0
         logits_v2t, logits_t2v = clip_logits(rows_image, rows_text, all_image, all_text, scale)
+        positive = positive_mask(*logits_v2t.shape, offset, device=logits_v2t.device)
         fine_sim = self.target_similarity(image_tokens, text_tokens, text_mask, image_mask)
-        return softclip_loss(logits_v2t, logits_t2v, fine_sim, offset,
-                             self.alpha, self.beta, self.soft_temperature)
+        target_logits = soft_target_logits(fine_sim, positive, self.soft_temperature,
+                                           self.standardize, self.topk)
+        ramp = self.ramp(step)
+        return softclip_loss(logits_v2t, logits_t2v, target_logits, positive,
+                             self.alpha * ramp, self.beta * ramp)
 
     @torch.no_grad()
     def target_similarity(self, image_tokens, text_tokens, text_mask, image_mask=None):

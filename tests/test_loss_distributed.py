@@ -23,11 +23,17 @@ MODES = {"local": dict(local_loss=True, gather_with_grad=True),
          "global_nograd": dict(local_loss=False, gather_with_grad=False)}
 
 
+KINDS = ("clip", "softclip", "softclip_shaped")
+
+
 def make_loss(kind, mode, rank, world_size):
     if kind == "clip":
         return ClipLoss(**MODES[mode], rank=rank, world_size=world_size)
+    # The shaped variant's standardisation and top-k act on whole rows of F: they must see
+    # all N columns on every rank to stay exact.
+    shaping = dict(standardize=True, topk=3) if kind == "softclip_shaped" else {}
     return SoftCLIPLoss(alpha=0.3, beta=0.7, soft_temperature=0.2, soft_source="both",
-                        **MODES[mode], rank=rank, world_size=world_size)
+                        **shaping, **MODES[mode], rank=rank, world_size=world_size)
 
 
 def run_loss(kind, mode, batch, rank, world_size):
@@ -49,7 +55,7 @@ def worker(rank, world_size, port, out_dir):
     b = N // world_size
     local = {k: (v if k == "logit_scale" else v[rank * b:(rank + 1) * b]) for k, v in full.items()}
     results = {(kind, mode): run_loss(kind, mode, local, rank, world_size)
-               for kind in ("clip", "softclip") for mode in MODES}
+               for kind in KINDS for mode in MODES}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -67,7 +73,7 @@ def test_ranks_equal_full_batch(world_size, tmp_path):
     full = random_batch(n=N, dtype=torch.float64)
     b = N // world_size
     assert (full["text_mask"].sum(1) != full["text_mask"].sum(1)[0]).any(), "masks should be uneven"
-    for kind in ("clip", "softclip"):
+    for kind in KINDS:
         ref_loss, ref_grads = run_loss(kind, "local", full, 0, 1)
         for mode in MODES:
             losses = torch.stack([per_rank[r][(kind, mode)][0] for r in range(world_size)])

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import ClipLoss, SoftCLIPLoss, fine_similarity, softclip_loss
+from losses import ClipLoss, SoftCLIPLoss, fine_similarity, positive_mask, soft_target_logits, softclip_loss
 from tests.loss_reference import naive_fine_similarity, naive_softclip
 
 
@@ -111,9 +111,11 @@ def test_negative_term_is_zero_when_prediction_matches_target():
     tau = 0.2
     # Logits that differ from F/τ only on the positive and by a per-row constant: same negatives.
     logits = fine / tau + torch.randn(6, 1, dtype=torch.float64) + 3 * torch.eye(6, dtype=torch.float64)
-    out = softclip_loss(logits, logits, fine, 0, alpha=0.3, beta=1.0, soft_temperature=tau)
+    positive = positive_mask(6, 6, 0)
+    target = soft_target_logits(fine, positive, tau)
+    out = softclip_loss(logits, logits, target, positive, alpha=0.3, beta=1.0)
     assert out["neg"].item() == pytest.approx(0.0, abs=1e-12)
-    other = softclip_loss(torch.randn(6, 6, dtype=torch.float64), logits, fine, 0, 0.3, 1.0, tau)
+    other = softclip_loss(torch.randn(6, 6, dtype=torch.float64), logits, target, positive, 0.3, 1.0)
     assert other["neg"].item() > 1e-3
 
 
@@ -152,3 +154,63 @@ def test_bad_input_is_refused_with_a_clear_message():
         SoftCLIPLoss(alpha=1.5)
     with pytest.raises(ValueError, match="logit_scale must hold one value"):
         ClipLoss()(b["image_emb"], b["text_emb"], torch.ones(2))
+
+
+@pytest.mark.parametrize("standardize,topk", [(True, None), (False, 3), (True, 5)])
+def test_target_shaping_matches_naive(standardize, topk):
+    b = random_batch(n=10)
+    out = SoftCLIPLoss(0.4, 0.8, 0.3, "text", standardize=standardize, topk=topk)(**b)
+    fine = naive_fine_similarity(b["text_tokens"], b["text_mask"], b["text_tokens"], b["text_mask"])
+    loss, soft, neg = naive_softclip(b["image_emb"], b["text_emb"], 7.5, fine, 0.4, 0.8, 0.3,
+                                     standardize, topk)
+    for key, ref in (("loss", loss), ("soft", soft), ("neg", neg)):
+        torch.testing.assert_close(out[key], ref, rtol=0, atol=1e-10)
+    assert torch.isfinite(out["s_entropy"])
+
+
+def test_topk_targets_do_not_flatten_as_the_batch_grows():
+    # The same 8 pairs, then with 56 unrelated pairs appended: a full softmax spreads S_i
+    # over the newcomers; a top-k softmax keeps each original row's target unchanged.
+    # Base tokens live in the positive orthant of dims 0-7 (similarities > 0 among them);
+    # the newcomers live in dims 8-15 (similarity exactly 0 to every base token).
+    torch.manual_seed(0)
+    zeros = torch.zeros(8, 4, 8, dtype=torch.float64)
+    base = F.normalize(torch.cat([unit(8, 4, 8).abs(), zeros], -1), dim=-1)
+    extra = F.normalize(torch.cat([torch.zeros(56, 4, 8, dtype=torch.float64), unit(56, 4, 8)], -1), dim=-1)
+    big = torch.cat([base, extra])
+    small_f, big_f = fine_similarity(base), fine_similarity(big)[:8]
+    entropy = {}
+    for topk in (None, 3):
+        s_small = torch.softmax(soft_target_logits(small_f, positive_mask(8, 8, 0), 0.1, topk=topk), 1)
+        s_big = torch.softmax(soft_target_logits(big_f, positive_mask(8, 64, 0), 0.1, topk=topk), 1)
+        entropy[topk] = (s_small, s_big)
+    s_small, s_big = entropy[3]
+    torch.testing.assert_close(s_big[:, :8], s_small, rtol=0, atol=1e-12)
+    assert (s_big[:, 8:] == 0).all()
+    s_small, s_big = entropy[None]
+    assert (s_small.sum(1) - s_big[:, :8].sum(1) > 1e-3).all()   # mass leaked to the newcomers
+
+
+def test_alpha_beta_warm_up_ramps_from_clip():
+    b = random_batch()
+    clip = ClipLoss()(b["image_emb"], b["text_emb"], b["logit_scale"])["loss"]
+    ramped = SoftCLIPLoss(alpha=0.6, beta=2.0, warmup_steps=10)
+    torch.testing.assert_close(ramped(**b, step=0)["loss"], clip)
+    half = SoftCLIPLoss(alpha=0.3, beta=1.0)(**b)["loss"]
+    torch.testing.assert_close(ramped(**b, step=5)["loss"], half)
+    full = SoftCLIPLoss(alpha=0.6, beta=2.0)(**b)["loss"]
+    torch.testing.assert_close(ramped(**b, step=10)["loss"], full)
+    torch.testing.assert_close(ramped(**b, step=99)["loss"], full)
+    torch.testing.assert_close(ramped(**b)["loss"], full)
+
+
+def test_unused_modality_may_be_absent_and_widths_may_differ():
+    b = random_batch()
+    text_only = SoftCLIPLoss(soft_source="text")(**{**b, "image_tokens": None})
+    torch.testing.assert_close(text_only["loss"], SoftCLIPLoss(soft_source="text")(**b)["loss"])
+    wide_text = {**b, "text_tokens": unit(8, 6, 384)}       # e.g. a frozen MiniLM's 384-d tokens
+    assert torch.isfinite(SoftCLIPLoss(soft_source="both")(**wide_text)["loss"])
+    with pytest.raises(ValueError, match="image_tokens must be .* for soft_source='both'; got None"):
+        SoftCLIPLoss(soft_source="both")(**{**b, "image_tokens": None})
+    with pytest.raises(ValueError, match="topk=1 must be >= 2"):
+        SoftCLIPLoss(topk=1)
