@@ -1,0 +1,196 @@
+"""From shards to batches: the IterableDataset each DataLoader worker runs (loaders.py wraps it).
+
+Inside one worker:  shard indices -> tar samples -> decode -> (shuffle buffer) -> batch
+                    (crop, tokenise, collate) -> dict of tensors
+Batches are built in the worker, so the main process only receives finished tensors. Every
+worker of every rank yields the same number of batches per epoch, so ranks stay in step (a rank
+that ran out of data early would leave the others waiting in a collective).
+
+Batch dict (train):  images FloatTensor [B,3,S,S], input_ids LongTensor [B,L],
+                     attention_mask BoolTensor [B,L], keys list[str],
+                     skipped LongTensor [] (samples this worker skipped since its previous batch;
+                     summing it over batches and ranks gives the run's skip count).
+Eval batches add texts list[str] and, with labels, labels LongTensor [B]; extra members requested
+by extension are passed through as lists.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import warnings
+from typing import Iterator, Sequence
+
+import torch
+
+from data.decode import SampleError, decode_sample
+from data.shards import ShardSet
+from data.tario import SkipLog, iter_tar_groups
+from data.tokenizer import Tokenizer
+from data.transforms import normalize_batch
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Batches from one rank's share of a ShardSet.
+
+    Args:
+        mode: "resampled" (endless draws, `worker_batches` per epoch), "epochs" (each shard once
+            per epoch, `worker_batches` per epoch) or "eval" (each shard once, all samples, last
+            batch partial, no shuffling).
+        worker_batches: batches each worker yields per epoch (not used in eval mode).
+    """
+
+    def __init__(self, shardset: ShardSet, tokenizer: Tokenizer | None, transform, *, batch_size: int,
+                 mean: Sequence[float], std: Sequence[float], mode: str, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 1, worker_batches: int | None = None,
+                 shuffle_buffer: int = 0, require_text: bool = True,
+                 with_labels: bool = False, extra: Sequence[str] = (), max_fail_fraction: float = 0.05,
+                 min_fail_samples: int = 256):
+        if mode not in ("resampled", "epochs", "eval"):
+            raise ValueError(f"mode={mode!r}; use 'resampled', 'epochs' or 'eval'.")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is outside world_size={world_size}.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1.")
+        self.shardset, self.tokenizer, self.transform = shardset, tokenizer, transform
+        self.batch_size, self.mean, self.std, self.mode = batch_size, tuple(mean), tuple(std), mode
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.num_workers = max(1, num_workers)
+        self.worker_batches, self.shuffle_buffer = worker_batches, shuffle_buffer
+        self.require_text, self.with_labels, self.extra = require_text, with_labels, tuple(extra)
+        self.max_fail_fraction, self.min_fail_samples = max_fail_fraction, min_fail_samples
+        self.epoch = 0
+
+    # shard order ---------------------------------------------------------------------------
+    def worker_shards(self, worker: int) -> Iterator[int]:
+        """One pass over this worker's shards (endless in resampled mode)."""
+        s = self.shardset
+        if self.mode == "resampled":
+            return s.resampled(self.seed, self.epoch, self.rank, worker)
+        if self.mode == "epochs":
+            return iter(s.epoch_assignment(self.seed, self.epoch, self.rank, self.world_size,
+                                           worker, self.num_workers))
+        readers = self.world_size * self.num_workers  # eval: fewer shards than readers is fine
+        return iter(range(self.rank * self.num_workers + worker, len(s.shards), readers))
+
+    # samples -------------------------------------------------------------------------------
+    def raw_samples(self, worker: int, log: SkipLog, rng: random.Random) -> Iterator[dict]:
+        """Undecoded samples (bytes), shuffled within each pass. Shuffling bytes rather than
+        decoded images keeps the buffer's memory small."""
+        for pass_index in itertools.count():
+            groups = self.read_shards(self.worker_shards(worker), log)
+            if self.shuffle_buffer > 1:
+                groups = shuffled(groups, self.shuffle_buffer, rng)
+            good_before = sum(log.ok.values())
+            yield from groups
+            if self.mode != "epochs":
+                return
+            if sum(log.ok.values()) == good_before:  # decoding keeps pace: the pass is fully decoded
+                raise RuntimeError(f"{log.where}: none of its shards in epoch {self.epoch} gave a usable sample "
+                                   f"(unreadable: {sorted(log.unreadable)[:5]}; skipped: {dict(log.reasons)}).")
+            # Only reached when this worker's shards hold fewer samples than its quota (sizes
+            # unknown, uneven shards, or skipped samples). Re-reading them keeps every rank at
+            # the same step count, at the price of a few repeated samples.
+            if pass_index == 0:
+                warnings.warn(f"{log.where}: its shards ran out before {self.worker_batches} batches in "
+                              f"epoch {self.epoch}; re-reading them to fill the epoch.", RuntimeWarning)
+
+    def read_shards(self, indices: Iterator[int], log: SkipLog) -> Iterator[dict]:
+        unreadable_run = 0
+        for index in indices:
+            produced = False
+            for group in iter_tar_groups(self.shardset.shards[index], log):
+                produced = True
+                yield group
+            unreadable_run = 0 if produced else unreadable_run + 1
+            # Resampled draws over shards that all fail would otherwise spin forever.
+            if unreadable_run > 2 * len(self.shardset.shards) + 10:
+                raise RuntimeError(f"{log.where}: the last {unreadable_run} shards read were all unreadable "
+                                   f"({sorted(log.unreadable)[:5]} ...). Check the paths and permissions.")
+
+    def decoded(self, groups: Iterator[dict], log: SkipLog) -> Iterator[dict]:
+        draft = getattr(self.transform, "draft_size", None)
+        for group in groups:
+            try:
+                sample = decode_sample(group, draft, self.require_text, self.with_labels, self.extra)
+            except SampleError as exc:
+                log.skip(group["__url__"], exc.reason)
+                continue
+            log.good(group["__url__"])
+            yield sample
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        if info is not None and info.num_workers != self.num_workers:
+            raise RuntimeError(f"ShardStream was built for {self.num_workers} workers but runs in "
+                               f"{info.num_workers}; build it through make_train_loader/make_eval_loader.")
+        log = SkipLog(self.max_fail_fraction, self.min_fail_samples, f"rank {self.rank} worker {worker}")
+        rng = random.Random(f"samples:{self.seed}:{self.epoch}:{self.rank}:{worker}")
+        yield from self.batches(self.decoded(self.raw_samples(worker, log, rng), log), log, rng)
+        log.check()
+
+    # batches -------------------------------------------------------------------------------
+    def batches(self, stream: Iterator[dict], log: SkipLog, rng: random.Random) -> Iterator[dict]:
+        """Full batches (and, in eval mode, a last partial one). A full batch is held back until
+        the next sample arrives or the stream ends, so samples skipped after it (the end of an
+        eval shard, a truncated last member) are still counted in some batch's `skipped`."""
+        limit = None if self.mode == "eval" else self.worker_batches
+        made, chunk, full = 0, [], None
+        if limit == 0:
+            return
+        for sample in stream:
+            if full is not None:
+                yield self.collate(full, log, rng)
+                made, full = made + 1, None
+                if limit is not None and made >= limit:
+                    return
+            chunk.append(sample)
+            if len(chunk) == self.batch_size:
+                if limit is not None and made + 1 >= limit:  # the epoch's last batch: nothing to wait for
+                    yield self.collate(chunk, log, rng)
+                    return
+                full, chunk = chunk, []
+        if full is not None:
+            yield self.collate(full, log, rng)
+        if chunk and self.mode == "eval":
+            yield self.collate(chunk, log, rng)
+
+    def collate(self, chunk: list[dict], log: SkipLog, rng: random.Random) -> dict:
+        images = torch.stack([self.transform(s["image"], rng) for s in chunk])  # (B, 3, S, S) uint8
+        batch = {"images": normalize_batch(images, self.mean, self.std)}
+        texts = [s["text"] if s["text"] is not None else "" for s in chunk]
+        if self.tokenizer is not None:  # eval sets read for their images and labels need none
+            batch["input_ids"], batch["attention_mask"] = self.tokenizer(texts)
+        batch["keys"] = [s["key"] for s in chunk]
+        batch["skipped"] = torch.tensor(log.take_skipped(), dtype=torch.long)
+        if self.mode == "eval":
+            batch["texts"] = texts
+        if self.with_labels:
+            batch["labels"] = torch.tensor([s["label"] for s in chunk], dtype=torch.long)
+        for ext in self.extra:
+            batch[ext] = [s[ext] for s in chunk]
+        return batch
+
+
+def shuffled(stream: Iterator, bufsize: int, rng: random.Random, initial: int | None = None) -> Iterator:
+    """Sample-level shuffle through a buffer of up to `bufsize` samples. Shards already come in
+    random order; this mixes samples of neighbouring shards. Output starts once `initial` samples
+    are buffered (default bufsize // 10) and the buffer then grows by one per sample given out,
+    so the first batch does not wait for the whole buffer (webdataset's shuffle does the same)."""
+    stream = iter(stream)
+    initial = max(1, bufsize // 10 if initial is None else min(initial, bufsize))
+    buffer: list = []
+    for sample in stream:
+        buffer.append(sample)
+        if len(buffer) < initial:
+            continue
+        if len(buffer) < bufsize:
+            extra = next(stream, None)
+            if extra is not None:
+                buffer.append(extra)
+        i = rng.randrange(len(buffer))
+        buffer[i], buffer[-1] = buffer[-1], buffer[i]
+        yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer

@@ -1,0 +1,121 @@
+"""Image transforms: CLIP-style random resized crop for training, resize + centre crop for eval.
+
+Both return uint8 tensors [3, S, S]; `normalize_batch` turns a stacked batch into floats with the
+model's mean/std in one vectorised step (cheaper than per image, and the worker sends uint8-sized
+work through the transform). Randomness comes from a `random.Random` owned by the pipeline worker,
+so crops are reproducible for a given (seed, epoch, rank, worker) and never touch the global
+torch RNG of the process.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+# Transparent pixels are composited onto white: emoji, logos and product shots with an alpha
+# channel are drawn for a light background, and `convert("RGB")` would expose whatever colour
+# the transparent pixels happen to store (often black).
+_BACKGROUND = (255, 255, 255)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB version of any PIL image: grayscale, palette, RGBA/LA (composited on white), CMYK, 16-bit."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
+        background.alpha_composite(rgba)
+        return background.convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale to 8 bits first
+        array = np.asarray(img, dtype=np.float32)
+        peak = max(float(array.max()), 1.0)
+        img = Image.fromarray((array * (255.0 / (65535.0 if peak > 255 else 255.0))).clip(0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
+def _to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
+
+
+class TrainTransform:
+    """Random resized crop at the model's size.
+
+    Args:
+        image_size: output side S.
+        scale: range of the crop's area as a fraction of the image. CLIP-style pre-training on
+            captioned images uses a mild range (0.9-1.0 here, open_clip's default is (0.9, 1.0)
+            too): a caption describes the whole picture, and a tight crop can cut out what it names.
+        ratio: range of the crop's aspect ratio before resizing to a square.
+    """
+
+    def __init__(self, image_size: int, scale: Sequence[float] = (0.9, 1.0),
+                 ratio: Sequence[float] = (3 / 4, 4 / 3)):
+        if not (0 < scale[0] <= scale[1] <= 1):
+            raise ValueError(f"scale={tuple(scale)} must satisfy 0 < low <= high <= 1.")
+        self.image_size = image_size
+        self.scale = tuple(scale)
+        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        # JPEG can decode at 1/2, 1/4, 1/8 size for free; keep enough pixels that the smallest
+        # crop is still not upsampled.
+        self.draft_size = int(math.ceil(image_size / math.sqrt(self.scale[0])))
+
+    def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
+        area = width * height
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*self.log_ratio))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+                return left, top, left + w, top + h
+        # Fallback as in torchvision: the largest central crop whose aspect lies in the range.
+        aspect, low, high = width / height, math.exp(self.log_ratio[0]), math.exp(self.log_ratio[1])
+        w, h = width, height
+        if aspect < low:
+            h = int(round(width / low))
+        elif aspect > high:
+            w = int(round(height * high))
+        left, top = (width - w) // 2, (height - h) // 2
+        return left, top, left + w, top + h
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+        img = to_rgb(img)
+        box = self.crop_box(*img.size, rng)
+        size = (self.image_size, self.image_size)
+        return _to_uint8_tensor(img.resize(size, Image.Resampling.BICUBIC, box=box))
+
+
+class EvalTransform:
+    """Resize the shorter side to S and take the centre S x S crop (done as one resize of the
+    central square, which is the same thing for a square output)."""
+
+    def __init__(self, image_size: int):
+        self.image_size = image_size
+        self.draft_size = image_size
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        img = to_rgb(img)
+        width, height = img.size
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        size = (self.image_size, self.image_size)
+        box = (left, top, left + side, top + side)
+        return _to_uint8_tensor(img.resize(size, Image.Resampling.BICUBIC, box=box))
+
+
+def normalize_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 [B, 3, S, S] -> float32 [B, 3, S, S], (x / 255 - mean) / std per channel."""
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+    # In place on the one float copy: at 128 x 3 x 224 x 224 the out-of-place version allocates
+    # two more 77 MB tensors and takes 2.5x as long.
+    return images.float().sub_(mean_t).mul_(inv_std)
