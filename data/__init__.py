@@ -1,6 +1,7 @@
 """Data: shards -> batches (pipeline, loaders), the caption tokenizer, the shard writer, and the
 embedded demo dataset. See data/pipeline.py for the batch layout and data/loaders.py for the
-epoch arithmetic.
+epoch arithmetic. Precomputed fine-grained features for SoftCLIP's targets: data/fine.py (member
+format, batching) and `python -m data.precompute_fine` (extraction into a new shard set).
 
 `from data import make_train_loader` works as usual; the names are resolved on first use
 (PEP 562) so that `python -m data.embedded`, `data.write_shards` and `data.tokenizer train`,

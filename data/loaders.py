@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
+from data.fine import resolve_fine
 from data.pipeline import ShardStream
 from data.shards import ShardSet, check_split
 from data.tokenizer import Tokenizer
@@ -81,7 +82,8 @@ def make_train_loader(data: str | Sequence[str], tokenizer: Tokenizer, *, batch_
                       weights: Sequence[float] | None = None, num_samples: int | None = None,
                       shuffle_buffer: int = 2000, scale: Sequence[float] = (0.9, 1.0),
                       max_fail_fraction: float = 0.05, min_fail_samples: int = 256,
-                      extra: Sequence[str] = (), pin_memory: bool = False) -> Loader:
+                      extra: Sequence[str] = (), fine_members: Sequence[str] = (),
+                      fine_tokens: int | Mapping[str, int] | None = None, pin_memory: bool = False) -> Loader:
     """Training batches for one rank.
 
     Args:
@@ -97,8 +99,15 @@ def make_train_loader(data: str | Sequence[str], tokenizer: Tokenizer, *, batch_
         scale: random-resized-crop area range.
         max_fail_fraction: error out when more than this fraction of a worker's samples fail.
         extra: extra member extensions to decode safely and pass through (e.g. "fine_txt.npy").
+        fine_members: precomputed features to batch, a subset of ("fine_img", "fine_txt"): adds
+            batch[m] float32 [B, n, d] (rows L2-normalised, padding zero) and batch[m + "_mask"]
+            bool [B, n]; a sample lacking a valid member is a counted skip (data/fine.py).
+        fine_tokens: n, the rows per sample (first valid rows kept, then zero padding): an int
+            for every member or {member: n}; default: "tokens" of fine.json beside the shards.
+            Fixed, not the batch maximum, so that every rank all-gathers the same shape.
     """
     shardset = _shardset(data, weights)
+    fine = resolve_fine(shardset.shards, fine_members, fine_tokens)
     if weights is not None and not resampled:
         raise ValueError("Source weights need resampled mode: epochs mode reads every shard exactly once. "
                          "Pass resampled=True or drop the weights.")
@@ -124,7 +133,7 @@ def make_train_loader(data: str | Sequence[str], tokenizer: Tokenizer, *, batch_
         shardset, tokenizer, TrainTransform(image_size, scale), batch_size=batch_size, mean=mean, std=std,
         mode="resampled" if resampled else "epochs", seed=seed, rank=rank, world_size=world_size,
         num_workers=readers, worker_batches=worker_batches, shuffle_buffer=shuffle_buffer,
-        max_fail_fraction=max_fail_fraction, min_fail_samples=min_fail_samples, extra=extra)
+        max_fail_fraction=max_fail_fraction, min_fail_samples=min_fail_samples, extra=extra, fine=fine)
     dataset.epoch = epoch
     num_batches = worker_batches * readers
     return Loader(dataset, num_workers, num_batches, num_batches * global_batch, pin_memory)

@@ -11,7 +11,9 @@ Batch dict (train):  images FloatTensor [B,3,S,S], input_ids LongTensor [B,L],
                      skipped LongTensor [] (samples this worker skipped since its previous batch;
                      summing it over batches and ranks gives the run's skip count).
 Eval batches add texts list[str] and, with labels, labels LongTensor [B]; extra members requested
-by extension are passed through as lists.
+by extension are passed through as lists. Precomputed fine-grained members asked for with
+`fine` add fine_img / fine_txt FloatTensor [B,n,d] and fine_img_mask / fine_txt_mask BoolTensor
+[B,n] (format, validity rule and the fixed n: data/fine.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Iterator, Sequence
 import torch
 
 from data.decode import SampleError, decode_sample
+from data.fine import decode_fine, pack_fine
 from data.shards import ShardSet
 from data.tario import SkipLog, iter_tar_groups
 from data.tokenizer import Tokenizer
@@ -38,6 +41,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             per epoch, `worker_batches` per epoch) or "eval" (each shard once, all samples, last
             batch partial, no shuffling).
         worker_batches: batches each worker yields per epoch (not used in eval mode).
+        fine: {"fine_txt"/"fine_img": (rows per sample, width or None)} from data.fine.resolve_fine;
+            samples without a valid member are skipped and counted.
     """
 
     def __init__(self, shardset: ShardSet, tokenizer: Tokenizer | None, transform, *, batch_size: int,
@@ -45,7 +50,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                  world_size: int = 1, num_workers: int = 1, worker_batches: int | None = None,
                  shuffle_buffer: int = 0, require_text: bool = True,
                  with_labels: bool = False, extra: Sequence[str] = (), max_fail_fraction: float = 0.05,
-                 min_fail_samples: int = 256):
+                 min_fail_samples: int = 256, fine: dict[str, tuple[int, int | None]] | None = None):
         if mode not in ("resampled", "epochs", "eval"):
             raise ValueError(f"mode={mode!r}; use 'resampled', 'epochs' or 'eval'.")
         if not 0 <= rank < world_size:
@@ -59,6 +64,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.worker_batches, self.shuffle_buffer = worker_batches, shuffle_buffer
         self.require_text, self.with_labels, self.extra = require_text, with_labels, tuple(extra)
         self.max_fail_fraction, self.min_fail_samples = max_fail_fraction, min_fail_samples
+        self.fine = dict(fine or {})
         self.epoch = 0
 
     # shard order ---------------------------------------------------------------------------
@@ -110,9 +116,14 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def decoded(self, groups: Iterator[dict], log: SkipLog) -> Iterator[dict]:
         draft = getattr(self.transform, "draft_size", None)
+        # Width of each fine member: fixed by fine.json, else by this worker's first valid sample.
+        widths = {member: dim for member, (_, dim) in self.fine.items()}
         for group in groups:
             try:
                 sample = decode_sample(group, draft, self.require_text, self.with_labels, self.extra)
+                for member in self.fine:
+                    sample[member] = decode_fine(group, member, widths[member])
+                    widths[member] = sample[member].shape[1]
             except SampleError as exc:
                 log.skip(group["__url__"], exc.reason)
                 continue
@@ -170,6 +181,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             batch["labels"] = torch.tensor([s["label"] for s in chunk], dtype=torch.long)
         for ext in self.extra:
             batch[ext] = [s[ext] for s in chunk]
+        for member, (tokens, _) in self.fine.items():
+            batch[member], batch[f"{member}_mask"] = pack_fine([s[member] for s in chunk], tokens)
         return batch
 
 

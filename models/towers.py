@@ -27,6 +27,23 @@ except ImportError:
 APEX_AVAILABLE = fused_layer_norm_affine is not None
 
 
+def _register_external(module: nn.Module, *params: nn.Parameter | None) -> None:
+    """Tell ZeRO-3 that `module`'s forward reads parameters owned by another module.
+
+    ZeRO-3 gathers a module's own parameters only when that module's forward runs. Our
+    ImageTower reads the trunk's cls_token/pos_embed without calling the trunk's forward,
+    and transformers' CLIPTextEmbeddings reads position_embedding.weight.shape before calling
+    position_embedding. Unregistered, such a read sees the 0-element placeholder of a
+    partitioned parameter (measured: eval after --resume failed with
+    "max_position_embeddings: 0"). Without ZeRO-3 the registration is an unused dict entry.
+    """
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    for p in params:
+        if p is not None:
+            register_external_parameter(module, p)
+
+
 class FusedLayerNorm(nn.LayerNorm):
     """nn.LayerNorm that runs apex's fused CUDA kernel where it can, torch's elsewhere.
 
@@ -91,6 +108,8 @@ class ImageTower(nn.Module):
         self.patch_drop = PatchDropoutWithIndices(cfg.patch_drop_rate, num_prefix_tokens=1) \
             if cfg.patch_drop_rate > 0 else None
         self.proj = Projection(cfg.width, embed_dim, **dd)
+        _register_external(self, self.trunk.cls_token, self.trunk.pos_embed,
+                           getattr(self.trunk, "reg_token", None))
 
     def init_weights(self) -> None:
         self.trunk.init_weights()          # timm: reset every layer, then its ViT init
@@ -172,6 +191,8 @@ class TextTower(nn.Module):
         if fused_layernorm:
             _swap_layernorms(self.transformer)
         self.proj = Projection(cfg.width, embed_dim, device=device, dtype=dtype)
+        embeddings = self.transformer.embeddings
+        _register_external(embeddings, embeddings.position_embedding.weight)
 
     def init_weights(self) -> None:
         # transformers' per-module init, called directly: initialize_weights() would skip modules
