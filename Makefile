@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test bench-loss clean-venv
+.PHONY: setup test demo bench-loss clean-venv
 
 # Idempotent: rebuilt only when a requirements file changes.
 setup: $(STAMP)
@@ -16,6 +16,12 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# Builds the embedded data, trains `tiny` with SoftCLIP on 2 ranks through the deepspeed launcher
+# (CPU ranks with gloo when there is no GPU), evaluates, exports to transformers, classifies an image
+# through the transformers pipeline, prints a results table and writes runs/demo/demo.png.
+demo: setup
+	$(PY) -m pretrain.demo --out runs/demo
 
 bench-loss: setup
 	$(PY) bench/loss.py

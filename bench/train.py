@@ -1,0 +1,132 @@
+"""Trainer step time: --loss clip vs --loss softclip on the same model, batch and DeepSpeed engine.
+
+    python bench/train.py                                  # CPU: tiny, 1 process, ds_configs/cpu_fp32.json
+    deepspeed --num_gpus 2 bench/train.py                  # the same on 2 ranks (CPU or GPU)
+    python bench/train.py --models ViT-B-16,ViT-L-14 --micro-batch 128   # CUDA: adds TFLOP/s and MFU
+
+Each configuration builds the real engine (pretrain.engine.build_engine: model + loss in one ZeRO
+module) and times forward + backward + optimizer step on a fixed synthetic batch, so data loading
+is excluded; the median of --iters steps after --warmup is reported. FLOPs are an estimate:
+3 x (2 x matmul parameters x tokens + 4 x layers x tokens^2 x width) per tower (no recompute).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+# Dense bf16 peak per device, TFLOP/s (vendor figures); --peak-tflops overrides.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def train_flops(config, batch: int) -> float:
+    def tower(width, layers, tokens, mlp_ratio):
+        per_layer = 4 * width * width + 2 * width * width * mlp_ratio  # qkv + out + mlp matmuls
+        return 2 * layers * per_layer * tokens + 4 * layers * tokens * tokens * width
+    v, t = config.vision, config.text
+    fwd = tower(v.width, v.layers, v.grid ** 2 + 1, v.mlp_ratio) + tower(t.width, t.layers, t.context_length, t.mlp_ratio)
+    return 3.0 * fwd * batch
+
+
+def synthetic_batch(config, batch: int, device):
+    g = torch.Generator().manual_seed(0)
+    s, t = config.vision.image_size, config.text
+    images = torch.randn(batch, 3, s, s, generator=g)
+    ids = torch.randint(4, t.vocab_size, (batch, t.context_length), generator=g)
+    lengths = torch.randint(4, t.context_length - 1, (batch,), generator=g)
+    pos = torch.arange(t.context_length)[None]
+    ids = torch.where(pos > lengths[:, None], torch.full_like(ids, t.pad_id), ids)
+    ids[torch.arange(batch), lengths] = t.eos_id
+    ids[:, 0] = t.bos_id
+    return images.to(device), ids.to(device)
+
+
+def bench_one(model_name: str, loss: str, args, env, cuda: bool) -> dict:
+    from models import create_model
+    from pretrain.config import build_config
+    from pretrain.engine import build_engine, build_loss
+    out = tempfile.mkdtemp(prefix="bench_train_")
+    flags = ["--model", model_name, "--loss", loss, "--train-data", "unused", "--output-dir", out,
+             "--micro-batch", str(args.micro_batch), "--steps", "1000"]
+    if args.deepspeed_config:
+        flags += ["--deepspeed_config", args.deepspeed_config]
+    elif not cuda:
+        flags += ["--deepspeed_config", str(Path(__file__).resolve().parent.parent / "ds_configs" / "cpu_fp32.json")]
+    cfg = build_config(flags, env, cuda=cuda, check_files=False)
+    torch.manual_seed(0)
+    model = create_model(model_name, vocab_size=args.vocab_size)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    engine = build_engine(cfg, model, build_loss(cfg, env.rank, env.world_size))
+    images, ids = synthetic_batch(model.config, args.micro_batch, engine.device)
+    times = []
+    for i in range(args.warmup + args.iters):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        terms = engine(images, ids)
+        engine.backward(terms["loss"])
+        engine.step()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    step = statistics.median(times)
+    rec = dict(model=model_name, loss=loss, ms=1e3 * step, samples_s=args.micro_batch * env.world_size / step)
+    if cuda:
+        name = torch.cuda.get_device_name()
+        peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        tflops = train_flops(model.config, args.micro_batch) / step / 1e12
+        rec.update(tflops=tflops, mfu=tflops / peak if peak else None,
+                   mem_gb=torch.cuda.max_memory_allocated() / 2 ** 30)
+    del engine, model
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return rec
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=None, help="comma list (default tiny on CPU, ViT-B-16,ViT-L-14 on CUDA)")
+    p.add_argument("--micro-batch", type=int, default=None, help="per-rank batch (default 64 CPU, 128 CUDA)")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--deepspeed_config", default=None)
+    p.add_argument("--local_rank", type=int, default=-1)
+    args = p.parse_args(argv)
+    from pretrain import dist as pdist
+    from pretrain.main import init_distributed
+    cuda = torch.cuda.is_available()
+    args.micro_batch = args.micro_batch or (128 if cuda else 64)
+    models = (args.models or ("ViT-B-16,ViT-L-14" if cuda else "tiny")).split(",")
+    env = pdist.from_environ(local_rank_arg=args.local_rank)
+    init_distributed(env, cuda)
+    rows = [bench_one(m, loss, args, env, cuda) for m in models for loss in ("clip", "softclip")]
+    if env.is_main:
+        dev = torch.cuda.get_device_name() if cuda else f"CPU x {torch.get_num_threads()} threads"
+        print(f"\n{dev}, world size {env.world_size}, micro batch {args.micro_batch}, median of {args.iters} steps")
+        print(f"{'model':<10} {'loss':<9} {'ms/step':>9} {'samples/s':>10}" + ("  TFLOP/s    MFU  mem GB" if cuda else ""))
+        for r in rows:
+            extra = f"  {r['tflops']:7.1f} {r['mfu'] or 0:6.1%} {r['mem_gb']:7.1f}" if cuda else ""
+            print(f"{r['model']:<10} {r['loss']:<9} {r['ms']:9.1f} {r['samples_s']:10.1f}{extra}")
+        for m in models:
+            clip, soft = (next(r for r in rows if r["model"] == m and r["loss"] == k) for k in ("clip", "softclip"))
+            print(f"{m}: softclip / clip step time = {soft['ms'] / clip['ms']:.3f}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

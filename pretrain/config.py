@@ -1,0 +1,282 @@
+"""The run configuration: one frozen object, built once from CLI flags (+ an optional YAML file),
+validated with one clear message per problem, and written to RUN/config.json.
+
+Precedence: built-in defaults < YAML (`--config run.yaml`, keys spelled like the flags, with
+dashes or underscores) < command-line flags. The DeepSpeed JSON's batch fields, learning rate and
+weight decay may be "auto"; they are filled from this config, and explicit numbers in the JSON
+must agree with it (global batch = micro batch x gradient accumulation x world size).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pretrain import schedule
+from pretrain.dist import DistEnv
+from pretrain.validate import check_data_and_model, check_ds_config, reconcile_batch, resolve_train_data
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """All problems found in a run configuration, one sentence each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("invalid run configuration:\n  - " + "\n  - ".join(self.problems))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # model and loss
+    model: str
+    loss: str                      # "softclip" or "clip"
+    alpha: float                   # weight of the soft targets in Y = (1-alpha) I + alpha S
+    beta: float                    # weight of the disentangled-negatives KL term
+    soft_temperature: float
+    soft_source: str               # "image", "text" or "both"
+    grad_checkpointing: bool
+    zero_init: bool                # build the model inside deepspeed.zero.Init (partitioned at birth)
+    # data
+    train_data: str                # webdataset shard pattern, e.g. ".../{00000..01242}.tar"
+    train_num_samples: int | None  # samples per epoch, needed only for epoch units
+    tokenizer: str
+    workers: int
+    seed: int
+    zeroshot_data: str             # "embedded", "none", an ImageNet-style folder or labelled shards
+    retrieval_data: str            # "embedded", "none" or image-text shards
+    eval_batch_size: int
+    # everything below is in optimizer steps or absolute values, resolved at startup
+    steps: int
+    warmup_steps: int
+    save_every: int                # 0: only at the end (and on a signal)
+    eval_every: int                # 0: only at the end
+    log_every: int
+    lr: float                      # peak learning rate after warmup
+    min_lr: float
+    weight_decay: float
+    global_batch: int
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+    # run
+    output_dir: str
+    resume: str | None             # None, "latest" or a checkpoint tag directory
+    keep_checkpoints: int          # newest tags kept; 0 keeps all
+    report_to: tuple[str, ...]
+    wandb_project: str
+    max_nonfinite: int             # consecutive non-finite losses tolerated before aborting
+    debug_nan: tuple[str, ...]     # fault injection for tests: "3" = first try of step 3 is NaN, "5+" = every try
+    deepspeed_config: str
+    ds_config: dict = field(repr=False)  # resolved dict handed to deepspeed.initialize
+    specs: dict = field(repr=False)      # intervals as written by the user ("5%", "2ep", ...)
+    derived: tuple[str, ...] = ()        # human-readable derived values, logged once
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.output_dir) / "checkpoints"
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+
+    def deepspeed_dict(self) -> dict:
+        return copy.deepcopy(self.ds_config)  # DeepSpeed mutates the dict it is given
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+DEFAULTS = dict(
+    model="tiny", loss="softclip", alpha=0.2, beta=1.0, soft_temperature=0.1, soft_source="both",
+    grad_checkpointing=False, zero_init=False, train_data=None, train_num_samples=None,
+    tokenizer="data/embedded/tokenizer", workers=2, seed=0, zeroshot_data="embedded",
+    retrieval_data="embedded", eval_batch_size=256, steps=1000, warmup="5%", save_every="10%",
+    eval_every="0", log_every=10, lr=None, blr=None, min_lr=0.0, weight_decay=0.1, batch_size=None,
+    micro_batch=None, grad_accum=None, output_dir=None, resume=None, keep_checkpoints=2,
+    report_to="jsonl", wandb_project="softclip", max_nonfinite=5, debug_nan="",
+    deepspeed_config=None)
+SOFT_OPTIONS = ("alpha", "beta", "soft_temperature", "soft_source")
+DEFAULT_LR = 5e-4
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pretrain/main.py", argument_default=argparse.SUPPRESS,
+                                description="SoftCLIP / CLIP pre-training on DeepSpeed.")
+    a = p.add_argument
+    a("--config", help="YAML file of options (flag names, dashes or underscores); flags override it")
+    a("--model", help="model name (tiny-test, tiny, ViT-B-16, ViT-L-14, ViT-H-14) or a config JSON")
+    a("--loss", choices=["softclip", "clip"])
+    a("--alpha", type=float); a("--beta", type=float); a("--soft-temperature", type=float)
+    a("--soft-source", choices=["image", "text", "both"])
+    a("--grad-checkpointing", action="store_true")
+    a("--zero-init", action="store_true", help="build the model partitioned (ZeRO-3, very large models)")
+    a("--train-data", help="webdataset shards: a brace pattern, a directory of .tar files or a list with '::'")
+    a("--train-num-samples", type=int, help="samples per epoch (needed for epoch units only)")
+    a("--tokenizer", help="tokenizer directory (data.tokenizer)")
+    a("--workers", type=int); a("--seed", type=int)
+    a("--zeroshot-data", help="'embedded' (Fashion-MNIST test), 'none', a class folder or labelled shards")
+    a("--retrieval-data", help="'embedded' (held-out emoji pairs), 'none' or image-text shards")
+    a("--eval-batch-size", type=int)
+    a("--steps", help="total optimizer steps (or examples '2e6ex', epochs '3ep')")
+    a("--warmup", help="linear warmup: steps, percent of --steps, examples or epochs")
+    a("--save-every", help="checkpoint interval (0: end only); same units as --warmup")
+    a("--eval-every", help="evaluation interval (0: end only); same units as --warmup")
+    a("--log-every", type=int)
+    a("--lr", type=float, help=f"peak learning rate (default {DEFAULT_LR})")
+    a("--blr", type=float, help="base learning rate per 256 samples: lr = blr x global batch / 256")
+    a("--min-lr", type=float); a("--weight-decay", type=float)
+    a("--batch-size", type=int, help="global batch (DeepSpeed train_batch_size)")
+    a("--micro-batch", type=int, help="per-device batch (train_micro_batch_size_per_gpu)")
+    a("--grad-accum", type=int, help="gradient accumulation steps")
+    a("--output-dir", help="run directory: config.json, log.jsonl, results.json, checkpoints/")
+    a("--resume", help="'latest' (start fresh if there is none yet) or a checkpoint tag directory")
+    a("--keep-checkpoints", type=int)
+    a("--report-to", help="comma list: jsonl (always on), wandb (offline unless WANDB_MODE is set)")
+    a("--wandb-project")
+    a("--max-nonfinite", type=int, help="consecutive non-finite losses before aborting")
+    a("--debug-nan", help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    import deepspeed  # adds --deepspeed and --deepspeed_config, as the deepspeed launcher expects
+    deepspeed.add_config_arguments(p)
+    return p
+
+
+def _load_yaml(path: str, problems: list[str]) -> dict:
+    import yaml
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        problems.append(f"--config {path}: cannot read it as YAML ({e}).")
+        return {}
+    if not isinstance(data, dict):
+        problems.append(f"--config {path}: expected a mapping of option: value, got {type(data).__name__}.")
+        return {}
+    out = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(out) - set(DEFAULTS))
+    if unknown:
+        problems.append(f"--config {path}: unknown option(s) {', '.join(unknown)}; "
+                        f"names are the flags' (see --help).")
+    return {k: v for k, v in out.items() if k in DEFAULTS}
+
+
+def parse(argv: list[str] | None) -> tuple[dict, dict, int]:
+    """Return (merged raw options, options set explicitly, --local_rank)."""
+    args = vars(build_parser().parse_args(argv))
+    local_rank = args.pop("local_rank", -1)
+    for k in ("deepspeed", "deepscale", "deepscale_config"):
+        args.pop(k, None)
+    if args.get("deepspeed_config") is None:
+        args.pop("deepspeed_config", None)
+    problems: list[str] = []
+    from_yaml = _load_yaml(args.pop("config"), problems) if "config" in args else {}
+    if problems:
+        raise ConfigError(problems)
+    explicit = {**from_yaml, **args}
+    return {**DEFAULTS, **explicit}, explicit, local_rank
+
+
+def build_config(argv: list[str] | None, env: DistEnv, cuda: bool, check_files: bool = True) -> TrainConfig:
+    """Parse, resolve and validate; raise ConfigError listing every problem found."""
+    raw, explicit, _ = parse(argv)
+    problems: list[str] = []
+    derived: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    # loss options
+    if raw["loss"] == "clip":
+        given = [k for k in SOFT_OPTIONS if k in explicit]
+        need(not given, f"--{given[0].replace('_', '-') if given else ''} only applies to --loss softclip; "
+                        f"drop it or use --loss softclip.")
+    need(0.0 <= float(raw["alpha"]) <= 1.0, f"--alpha {raw['alpha']} must lie in [0, 1].")
+    need(float(raw["beta"]) >= 0.0, f"--beta {raw['beta']} must be >= 0.")
+    need(float(raw["soft_temperature"]) > 0.0, f"--soft-temperature {raw['soft_temperature']} must be > 0.")
+    need(raw["soft_source"] in ("image", "text", "both"),
+         f"--soft-source {raw['soft_source']!r} must be image, text or both.")
+    need(raw["train_data"] is not None, "--train-data is required (e.g. data/embedded/shards/train-{000000..000003}.tar).")
+    need(raw["output_dir"] is not None, "--output-dir is required (the run directory).")
+    for k in ("workers", "log_every", "keep_checkpoints", "max_nonfinite", "eval_batch_size"):
+        need(int(raw[k]) >= (1 if k in ("log_every", "max_nonfinite", "eval_batch_size") else 0),
+             f"--{k.replace('_', '-')} {raw[k]} is out of range.")
+    report_to = tuple(sorted({"jsonl", *[s.strip() for s in str(raw["report_to"]).split(",") if s.strip()]}
+                             - {"none"}))
+    need(set(report_to) <= {"jsonl", "wandb"}, f"--report-to {raw['report_to']!r}: choose from jsonl, wandb.")
+
+    # DeepSpeed JSON and the batch arithmetic
+    ds_path = raw["deepspeed_config"] or str(REPO_ROOT / "ds_configs" / ("zero3_bf16.json" if cuda else "cpu.json"))
+    ds = check_ds_config(ds_path, cuda, problems, derived)
+    batch = reconcile_batch(ds, raw, env.world_size, problems)
+    global_batch, micro, accum = batch if batch else (1, 1, 1)
+    if batch:
+        derived.append(f"global batch {global_batch} = micro batch {micro} x accumulation {accum} "
+                       f"x world size {env.world_size}")
+
+    # learning rate
+    lr = DEFAULT_LR
+    if raw["lr"] is not None and raw["blr"] is not None:
+        problems.append("--lr and --blr are both set; give one (blr scales with the global batch).")
+    elif raw["blr"] is not None:
+        lr = float(raw["blr"]) * global_batch / 256
+        derived.append(f"lr {lr:.3g} = blr {raw['blr']} x global batch {global_batch} / 256")
+    elif raw["lr"] is not None:
+        lr = float(raw["lr"])
+    need(lr > 0, f"learning rate {lr} must be > 0.")
+    need(0 <= float(raw["min_lr"]) <= lr, f"--min-lr {raw['min_lr']} must lie in [0, lr={lr}].")
+    need(float(raw["weight_decay"]) >= 0, f"--weight-decay {raw['weight_decay']} must be >= 0.")
+
+    # everything in steps
+    n_ep = raw["train_num_samples"]
+    steps = warmup = save_every = eval_every = 0
+    try:
+        steps = schedule.to_steps(raw["steps"], "--steps", total_steps=None, global_batch=global_batch,
+                                  samples_per_epoch=n_ep)
+        kw = dict(total_steps=steps, global_batch=global_batch, samples_per_epoch=n_ep)
+        warmup = schedule.to_steps(raw["warmup"], "--warmup", **kw)
+        save_every = schedule.to_steps(raw["save_every"], "--save-every", **kw)
+        eval_every = schedule.to_steps(raw["eval_every"], "--eval-every", **kw)
+    except ValueError as e:
+        problems.append(str(e))
+    need(steps >= 1, f"--steps {raw['steps']} gives {steps} optimizer steps; it must be at least 1.")
+    need(warmup < max(steps, 1) or steps == 0, f"--warmup {raw['warmup']} = {warmup} steps is not shorter "
+                                                f"than --steps {steps}.")
+    derived.append(f"steps {steps}, warmup {warmup}, save every {save_every or 'end'}, "
+                   f"eval every {eval_every or 'end'} (in optimizer steps)")
+    if ds.get("optimizer", {}).get("params") is not None:
+        ds["optimizer"]["params"].update(lr=lr, weight_decay=float(raw["weight_decay"]))
+
+    if raw["train_data"] is not None:
+        raw["train_data"] = resolve_train_data(str(raw["train_data"]))
+    nan_spec = tuple(str(raw["debug_nan"]).replace(",", " ").split())
+    need(all(s.rstrip("+").isdigit() for s in nan_spec), f"--debug-nan {raw['debug_nan']!r}: steps like 3,5+.")
+    resume = raw["resume"] if raw["resume"] not in ("", "none", "None") else None
+    if check_files and raw["train_data"] is not None and raw["output_dir"] is not None:
+        check_data_and_model(raw, resume, env, problems)
+    if problems:
+        raise ConfigError(problems)
+    return TrainConfig(
+        model=raw["model"], loss=raw["loss"], alpha=float(raw["alpha"]), beta=float(raw["beta"]),
+        soft_temperature=float(raw["soft_temperature"]), soft_source=raw["soft_source"],
+        grad_checkpointing=bool(raw["grad_checkpointing"]), zero_init=bool(raw["zero_init"]),
+        train_data=str(raw["train_data"]), train_num_samples=n_ep, tokenizer=str(raw["tokenizer"]),
+        workers=int(raw["workers"]), seed=int(raw["seed"]), zeroshot_data=str(raw["zeroshot_data"]),
+        retrieval_data=str(raw["retrieval_data"]), eval_batch_size=int(raw["eval_batch_size"]),
+        steps=steps, warmup_steps=warmup, save_every=save_every, eval_every=eval_every,
+        log_every=int(raw["log_every"]), lr=lr, min_lr=float(raw["min_lr"]),
+        weight_decay=float(raw["weight_decay"]), global_batch=global_batch, micro_batch=micro,
+        grad_accum=accum, world_size=env.world_size, output_dir=str(raw["output_dir"]), resume=resume,
+        keep_checkpoints=int(raw["keep_checkpoints"]), report_to=report_to,
+        wandb_project=str(raw["wandb_project"]), max_nonfinite=int(raw["max_nonfinite"]),
+        debug_nan=nan_spec, deepspeed_config=ds_path, ds_config=ds,
+        specs={k: str(raw[k]) for k in ("steps", "warmup", "save_every", "eval_every")},
+        derived=tuple(derived))

@@ -1,0 +1,157 @@
+"""The DeepSpeed engine around model + loss, and the training loop.
+
+Model and loss form one module (`TrainTask`) so that the learnable logit scale, which the loss
+consumes, lives inside the module DeepSpeed partitions and optimizes, and so that every collective
+of a step (ZeRO-3 parameter gathers, the loss's feature gathers) happens inside one forward
+(open_clip's task-module shape).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pretrain import schedule
+from pretrain.config import TrainConfig
+
+
+class TrainTask(nn.Module):
+    def __init__(self, model: nn.Module, loss: nn.Module):
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor) -> dict:
+        out = self.model(images, input_ids)
+        if self.loss.__class__.__name__ == "SoftCLIPLoss":
+            terms = self.loss(out.image_emb, out.text_emb, out.logit_scale, out.image_tokens,
+                              out.text_tokens, out.text_mask, out.image_mask)
+        else:
+            terms = self.loss(out.image_emb, out.text_emb, out.logit_scale)
+        terms["logit_scale"] = out.logit_scale.detach().reshape(())
+        return terms
+
+
+def build_loss(cfg: TrainConfig, rank: int, world_size: int) -> nn.Module:
+    from losses import ClipLoss, SoftCLIPLoss
+    if cfg.loss == "clip":
+        return ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
+    return SoftCLIPLoss(alpha=cfg.alpha, beta=cfg.beta, soft_temperature=cfg.soft_temperature,
+                        soft_source=cfg.soft_source, local_loss=True, gather_with_grad=True,
+                        rank=rank, world_size=world_size)
+
+
+def build_engine(cfg: TrainConfig, model: nn.Module, loss: nn.Module):
+    import deepspeed
+    task = TrainTask(model, loss)
+    engine, _, _, _ = deepspeed.initialize(model=task, config=cfg.deepspeed_dict(),
+                                           model_parameters=schedule.param_groups(task, cfg.weight_decay))
+    return engine
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint's client state holds; everything needed to continue exactly."""
+    step: int = 0                 # optimizer steps done
+    samples_seen: int = 0         # training samples consumed (all ranks), including dropped ones
+    data_epoch: int = 0           # the data loader's epoch ...
+    data_batches: int = 0         # ... and how many batches of it this rank has consumed
+    data_seed: int = 0
+    nonfinite_total: int = 0      # micro-batches dropped for a non-finite loss
+    skipped_samples: int = 0      # samples the data pipeline skipped (undecodable, no text, ...)
+    history: list = field(default_factory=list)  # eval results over steps (small)
+
+    def client_state(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_client_state(cls, d: dict) -> "TrainState":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _sum_over_ranks(*values: float) -> list[float]:
+    """One small all-reduce (SUM) for the per-step flags and counters every rank must agree on."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _inject_nan(spec: tuple, step: int, tries: int) -> bool:
+    """Test hook (--debug-nan): "3" poisons the first try of step 3, "5+" every try of step 5."""
+    return f"{step}+" in spec or (str(step) in spec and tries == 0)
+
+
+def train(engine, data, cfg: TrainConfig, state: TrainState, log, stop, on_step_end) -> str:
+    """Run optimizer steps from state.step to cfg.steps. Returns "done" or "stopped" (signal).
+
+    `data` yields batch dicts and tracks its own position; `log(step, record)` records metrics;
+    `on_step_end(step)` checkpoints / evaluates on the configured intervals (collective).
+    A micro-batch whose loss is non-finite on any rank is dropped on every rank (no backward, no
+    step: DeepSpeed's bf16 path has no overflow check of its own) and the next one takes its place;
+    `cfg.max_nonfinite` in a row abort the run.
+    """
+    device, world = engine.device, cfg.world_size
+    engine.train()
+    bad_run, bad_first_step, t_last, samples_last = 0, None, time.perf_counter(), state.samples_seen
+    while state.step < cfg.steps:
+        # apply schedules (a pure function of the step, so resume continues it exactly)
+        lr = schedule.cosine_lr(state.step, peak=cfg.lr, warmup_steps=cfg.warmup_steps,
+                                total_steps=cfg.steps, min_lr=cfg.min_lr)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        sums, micro = {}, 0
+        while micro < cfg.grad_accum:
+            # compute losses
+            batch = next(data)
+            state.samples_seen += cfg.micro_batch * world
+            terms = engine(batch["images"].to(device, non_blocking=True),
+                           batch["input_ids"].to(device, non_blocking=True))
+            loss = terms["loss"]
+            if _inject_nan(cfg.debug_nan, state.step + 1, bad_run):
+                loss = loss * float("nan")
+            # one rank's NaN makes every rank drop the batch; skipped samples summed over ranks
+            n_bad, skipped = _sum_over_ranks(float(not torch.isfinite(loss)), float(batch["skipped"]))
+            state.skipped_samples += int(skipped)
+            if n_bad > 0:
+                state.nonfinite_total += 1
+                bad_run += 1
+                bad_first_step = state.step + 1 if bad_first_step is None else bad_first_step
+                if bad_run >= cfg.max_nonfinite:
+                    raise NonFiniteLoss(
+                        f"loss was non-finite for {bad_run} micro-batches in a row at steps "
+                        f"{bad_first_step}-{state.step + 1} (bound --max-nonfinite {cfg.max_nonfinite}); "
+                        f"{state.nonfinite_total} dropped in total. Lower --lr or raise --warmup, then "
+                        f"--resume latest (the last checkpoint holds no non-finite update).")
+                continue
+            bad_run, bad_first_step = 0, None
+            engine.backward(loss)
+            engine.step()
+            micro += 1
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach().float().mean()) / cfg.grad_accum
+        state.step += 1
+
+        # logging
+        if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+            now = time.perf_counter()
+            grad_norm = engine.get_global_grad_norm()
+            record = dict(sums, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
+                          samples_per_s=(state.samples_seen - samples_last) / max(now - t_last, 1e-9),
+                          samples_seen=state.samples_seen, skipped_samples=state.skipped_samples,
+                          nonfinite_total=state.nonfinite_total)
+            log(state.step, {k: v for k, v in record.items() if v is None or math.isfinite(v)})
+            t_last, samples_last = now, state.samples_seen
+        on_step_end(state.step)
+        # a signal on any rank stops every rank after the same step (MAX over ranks)
+        if _sum_over_ranks(float(bool(stop)))[0] > 0:
+            return "stopped"
+    return "done"

@@ -1,0 +1,138 @@
+"""Which evaluation sets a run uses, and running them from inside training.
+
+--zeroshot-data:  "embedded" (Fashion-MNIST test split and the held-out emoji's categories, built
+                  by `python -m data.embedded`; "embedded:DIR" for a build in DIR),
+                  "none", an ImageNet-style folder (one sub-folder per class, folder names are the
+                  class names; optional classnames.txt / templates.txt beside them), or labelled
+                  shards (`.cls` members) with classnames.txt (one per line, label order) and
+                  optionally templates.txt ("{}" marks the class) in the shards' directory.
+--retrieval-data: "embedded[:DIR]" (held-out emoji image-name pairs), "none", or image-text shards
+                  (one caption per image).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pretrain import evaluate as ev
+from pretrain.evaluate import DEFAULT_TEMPLATES
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    kind: str                 # "zeroshot" or "retrieval"
+    name: str                 # key in logs and results.json
+    data: str                 # shard pattern or folder
+    classnames: tuple = ()
+    templates: tuple = ()
+
+
+def _lines(path: Path) -> tuple:
+    return tuple(s.strip() for s in path.read_text().splitlines() if s.strip())
+
+
+EMBEDDED_ZEROSHOT = ("fmnist-test", "emoji-category-test")
+EMBEDDED_RETRIEVAL = ("emoji-test",)
+
+
+def embedded_root(spec: str):
+    """"embedded" -> the default build folder, "embedded:DIR" -> DIR, anything else -> None."""
+    if spec == "embedded":
+        from data.embedded.build import DEFAULT_OUT
+        return DEFAULT_OUT
+    return spec[len("embedded:"):] if spec.startswith("embedded:") else None
+
+
+def resolve(zeroshot: str, retrieval: str) -> list[EvalSet]:
+    sets = []
+    if (root := embedded_root(zeroshot)) is not None:
+        from data.embedded.build import shard_pattern
+        from data.evalsets import ZEROSHOT_SETS
+        for name in EMBEDDED_ZEROSHOT:
+            shard_set, names, templates = ZEROSHOT_SETS[name]
+            sets.append(EvalSet("zeroshot", name, shard_pattern(shard_set, root), tuple(names), tuple(templates)))
+    elif zeroshot != "none":
+        root = Path(zeroshot)
+        folder = root if root.is_dir() and not list(root.glob("*.tar")) else None
+        meta = root if root.is_dir() else Path(zeroshot.split("{")[0]).parent
+        names = _lines(meta / "classnames.txt") if (meta / "classnames.txt").is_file() else (
+            tuple(sorted(p.name.replace("_", " ") for p in root.iterdir() if p.is_dir())) if folder else ())
+        if not names:
+            raise FileNotFoundError(f"--zeroshot-data {zeroshot}: no class names; put classnames.txt "
+                                    f"(one per line, in label order) beside the shards.")
+        templates = _lines(meta / "templates.txt") if (meta / "templates.txt").is_file() else DEFAULT_TEMPLATES
+        sets.append(EvalSet("zeroshot", root.name or "zeroshot", zeroshot, names, templates))
+    if (root := embedded_root(retrieval)) is not None:
+        from data.embedded.build import shard_pattern
+        from data.evalsets import RETRIEVAL_SETS
+        for name in EMBEDDED_RETRIEVAL:
+            sets.append(EvalSet("retrieval", name, shard_pattern(RETRIEVAL_SETS[name], root)))
+    elif retrieval != "none":
+        sets.append(EvalSet("retrieval", Path(retrieval.split("{")[0]).parent.name or "retrieval", retrieval))
+    return sets
+
+
+class FolderLoader:
+    """ImageNet-style class folders through the pipeline's eval transform, split across ranks."""
+
+    def __init__(self, root: str, model_cfg, batch_size: int, rank: int, world_size: int, workers: int):
+        from torchvision.datasets import ImageFolder
+        from data.transforms import EvalTransform, normalize_batch
+        from data.transforms import to_rgb
+        v = model_cfg.vision
+        tf = EvalTransform(v.image_size)
+        ds = ImageFolder(root, transform=lambda img: tf(to_rgb(img)))
+        idx = list(range(rank, len(ds), world_size))
+        from pretrain.feed import _ignore_stop_signals
+        self.loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=batch_size,
+                                                  num_workers=workers,
+                                                  worker_init_fn=_ignore_stop_signals if workers else None)
+        self.norm = lambda x: normalize_batch(x, v.mean, v.std)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            yield {"images": self.norm(images), "labels": labels}
+
+
+class EvalRunner:
+    def __init__(self, cfg, env, tokenizer, model_cfg, log):
+        self.cfg, self.env, self.tokenizer, self.model_cfg, self.log = cfg, env, tokenizer, model_cfg, log
+        self.sets = resolve(cfg.zeroshot_data, cfg.retrieval_data)
+
+    def loader(self, s: EvalSet):
+        v = self.model_cfg.vision
+        if s.kind == "zeroshot" and Path(s.data).is_dir() and not list(Path(s.data).glob("*.tar")):
+            return FolderLoader(s.data, self.model_cfg, self.cfg.eval_batch_size, self.env.rank,
+                                self.env.world_size, self.cfg.workers)
+        from data import make_eval_loader
+        from pretrain.feed import iterate
+        return iterate(make_eval_loader(s.data, self.tokenizer, batch_size=self.cfg.eval_batch_size,
+                                image_size=v.image_size, mean=v.mean, std=v.std, rank=self.env.rank,
+                                world_size=self.env.world_size, num_workers=min(1, self.cfg.workers),
+                                with_labels=s.kind == "zeroshot", require_text=s.kind == "retrieval"))
+
+    def run(self, engine, step: int) -> dict:
+        """Collective: every rank evaluates its share; returns {"step", "<set>/<metric>": value}."""
+        model = engine.module.model
+        engine.eval()
+        flat = {}
+        for s in self.sets:
+            if s.kind == "zeroshot":
+                r = ev.zeroshot(model, self.tokenizer, self.loader(s), s.classnames, s.templates,
+                                engine.device, self.model_cfg, self.cfg.eval_batch_size)
+            else:
+                r = ev.retrieval(model, self.loader(s), engine.device, self.model_cfg)
+            flat.update({f"{s.name}/{k}": v for k, v in r.items()})
+        engine.train()
+        self.log.log(step, flat, kind="eval")
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in flat.items() if k.endswith(("top1", "R@1")))
+        self.log.info(f"eval @ step {step}: {shown or 'no eval sets'}")
+        return {"step": step, **flat}
+
+    def write_results(self, final: dict, history: list) -> None:
+        path = Path(self.cfg.output_dir) / "results.json"
+        path.write_text(json.dumps({"final": final, "history": history, "model": self.cfg.model,
+                                    "loss": self.cfg.loss, "steps": self.cfg.steps}, indent=2) + "\n")

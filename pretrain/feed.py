@@ -1,0 +1,76 @@
+"""Training batches with a resumable position: (data epoch, batches consumed in it).
+
+The data pipeline is deterministic given (seed, epoch, rank, worker), and the DataLoader hands out
+its workers' batches round-robin, so the k-th batch of an epoch on a rank is always the same. A
+checkpoint stores (epoch, k); resume re-creates epoch `epoch` and discards its first k batches, so
+the next step sees exactly the batch an uninterrupted run would have. The discarded batches are
+still read and decoded: resuming costs up to one epoch of data loading on each rank (seconds for
+the embedded data; choose --train-num-samples so that an epoch is a few thousand steps at scale).
+"""
+from __future__ import annotations
+
+import signal
+
+import torch
+
+from pretrain.config import TrainConfig
+from pretrain.signals import STOP_SIGNALS
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    # Slurm (and the deepspeed launcher's terminate_process_tree) signal every process of a step,
+    # DataLoader workers included. torch's worker SIGTERM handler makes a worker die on it, and the
+    # rank's SIGCHLD handler then raises "DataLoader worker ... killed by signal" at a random point
+    # of the step, before the checkpoint the signal asked for. Workers leave the signals to their
+    # rank, which stops after the step, checkpoints and closes the loader (measured, torch 2.14).
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def iterate(loader):
+    """Iterate a data.Loader with signal-safe workers (same DataLoader settings as Loader.__iter__)."""
+    workers = loader.num_workers
+    dl = torch.utils.data.DataLoader(
+        loader.dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=loader.pin_memory,
+        persistent_workers=False, prefetch_factor=loader.prefetch_factor if workers > 0 else None,
+        worker_init_fn=_ignore_stop_signals if workers > 0 else None)
+    yield from dl
+
+
+class Feed:
+    def __init__(self, cfg: TrainConfig, env, tokenizer, model_cfg, state):
+        from data import make_train_loader
+        v = model_cfg.vision
+        self.state = state
+        self.loader = make_train_loader(
+            cfg.train_data, tokenizer, batch_size=cfg.micro_batch, image_size=v.image_size, mean=v.mean,
+            std=v.std, rank=env.rank, world_size=env.world_size, num_workers=cfg.workers,
+            seed=state.data_seed, epoch=state.data_epoch, resampled=True, num_samples=cfg.train_num_samples)
+        self._it = None
+        self._start_epoch(state.data_epoch, skip=state.data_batches)
+
+    def _start_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.close()
+        self.loader.set_epoch(epoch)
+        self._it = iterate(self.loader)
+        for _ in range(skip):  # replay to the saved position (see module docstring)
+            next(self._it)
+        self.state.data_epoch, self.state.data_batches = epoch, skip
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self._start_epoch(self.state.data_epoch + 1)
+            batch = next(self._it)
+        self.state.data_batches += 1
+        return batch
+
+    def close(self) -> None:
+        # Dropping the generator shuts the DataLoader's worker processes down now, not at exit.
+        if self._it is not None:
+            self._it.close()
+            self._it = None

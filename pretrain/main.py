@@ -1,0 +1,180 @@
+"""Pre-training entry point: `deepspeed pretrain/main.py --deepspeed_config ds_configs/zero3_bf16.json ...`
+
+Also runs under `torchrun --nproc_per_node N pretrain/main.py ...`, `srun python pretrain/main.py ...`
+or plain `python pretrain/main.py ...` (one process). Exit codes: 0 done; 2 configuration error
+(every rank, message on rank 0); 3 aborted on repeated non-finite losses; 124 (EXIT_PREEMPTED)
+stopped by SIGUSR1/SIGTERM after writing a checkpoint: requeue and `--resume latest`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `deepspeed pretrain/main.py` runs this file as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from pretrain import checkpoint, dist as pdist
+from pretrain.config import ConfigError, TrainConfig, build_config, parse
+from pretrain.signals import EXIT_CONFIG, EXIT_PREEMPTED, StopFlag
+
+EXIT_NONFINITE = 3
+
+
+def init_distributed(env: pdist.DistEnv, cuda: bool) -> None:
+    import deepspeed
+    env.export_torch_env()
+    if not cuda:
+        # DeepSpeed's CPU backend compiles a shared-memory all-reduce op at init (~66 s cold on
+        # 2 cores). gloo is plenty for CPU runs; marking the op incompatible skips the build
+        # (deepspeed/comm/torch.py:build_shm_op checks this dict, which persists once probed).
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        threads = max(1, len(os.sched_getaffinity(0)) // env.local_world_size)
+        torch.set_num_threads(threads)  # N ranks x all cores each would oversubscribe the CPU
+    else:
+        torch.cuda.set_device(env.local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def build_model(cfg: TrainConfig, tokenizer):
+    from models import create_model
+    from pretrain.validate import vocab_override
+    kwargs = vocab_override(cfg.model, tokenizer.vocab_size)
+    if cfg.zero_init and cfg.zero_stage == 3:
+        import deepspeed  # parameters are partitioned as they are created: ViT-H sized models
+        with deepspeed.zero.Init(config_dict_or_path=cfg.deepspeed_dict()):
+            model = create_model(cfg.model, **kwargs)
+    else:
+        model = create_model(cfg.model, **kwargs)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def run(cfg: TrainConfig, env: pdist.DistEnv, log, stop: StopFlag) -> int:
+    from data.tokenizer import Tokenizer
+    from models import get_model_config
+    from pretrain import engine as eng
+    from pretrain.evalsets import EvalRunner
+    from pretrain.feed import Feed
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    model_cfg = get_model_config(cfg.model)
+    tokenizer = Tokenizer.load(cfg.tokenizer, context_length=model_cfg.text.context_length)
+    model = build_model(cfg, tokenizer)
+    model_cfg = model.config
+    if env.is_main:  # the export CLI rebuilds the model from these two, without the training flags
+        model_cfg.to_json(Path(cfg.output_dir) / "model_config.json")
+        tokenizer.save(Path(cfg.output_dir) / "tokenizer")
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    log.info(f"model {cfg.model}: {n_params / 1e6:.2f} M parameters; loss {cfg.loss}; "
+             f"ZeRO stage {cfg.zero_stage}; world size {env.world_size}")
+    engine = eng.build_engine(cfg, model, eng.build_loss(cfg, env.rank, env.world_size))
+
+    state = eng.TrainState(data_seed=cfg.seed)
+    tag_dir = checkpoint.resolve_resume(cfg.resume, cfg.checkpoint_dir, env.world_size, log=log.info)
+    if tag_dir is not None:
+        state = eng.TrainState.from_client_state(checkpoint.load(engine, tag_dir))
+        log.info(f"resumed from {tag_dir} at step {state.step} ({state.samples_seen} samples seen)")
+        log.write({"kind": "event", "event": "resume", "step": state.step, "tag": str(tag_dir)})
+    log.advance(state.step)
+
+    feed = Feed(cfg, env, tokenizer, model_cfg, state)
+    evals = EvalRunner(cfg, env, tokenizer, model_cfg, log)
+    saved_at = {state.step} if tag_dir is not None else set()
+
+    def save() -> None:
+        if state.step in saved_at:
+            return
+        checkpoint.save(engine, cfg.checkpoint_dir, state.step, state.client_state(), is_main=env.is_main,
+                        world_size=env.world_size, keep=cfg.keep_checkpoints, barrier=barrier)
+        saved_at.add(state.step)
+        log.write({"kind": "event", "event": "checkpoint", "step": state.step})
+
+    def on_step_end(step: int) -> None:
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            state.history.append(evals.run(engine, step))
+        if cfg.save_every and step % cfg.save_every == 0:
+            save()
+
+    try:
+        outcome = eng.train(engine, feed, cfg, state, log.log, stop, on_step_end)
+    except eng.NonFiniteLoss as e:
+        log.info(f"error: {e}")
+        log.write({"kind": "event", "event": "abort_nonfinite", "step": state.step, "message": str(e)})
+        return EXIT_NONFINITE
+    finally:
+        feed.close()
+    if outcome == "stopped":
+        save()
+        log.info(f"received {stop.name}: checkpoint at step {state.step} written; exiting with "
+                 f"{EXIT_PREEMPTED} (resume with --resume latest)")
+        log.write({"kind": "event", "event": "preempted", "signal": stop.name, "step": state.step})
+        return EXIT_PREEMPTED
+    final = evals.run(engine, state.step)
+    state.history.append(final)
+    save()
+    if env.is_main:
+        evals.write_results(final, state.history)
+    log.info(f"done: {state.step} steps; results in {Path(cfg.output_dir) / 'results.json'}")
+    return 0
+
+
+def save_config(cfg: TrainConfig, log) -> None:
+    """RUN/config.json is the resolved config of the latest start; a different earlier one is kept."""
+    path = Path(cfg.output_dir) / "config.json"
+    new = cfg.to_dict()
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != json.loads(json.dumps(new.get(k))))
+        if changed:
+            path.replace(path.with_name("config.previous.json"))
+            log.info(f"config: differs from the previous start in {', '.join(changed)} "
+                     f"(old one kept as config.previous.json)")
+    cfg.save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        _, _, local_rank = parse(argv)
+        env = pdist.from_environ(local_rank_arg=local_rank)
+    except (ConfigError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)  # cannot tell which rank this is: every one says it
+        return EXIT_CONFIG
+    try:
+        cfg = build_config(argv, env, cuda=torch.cuda.is_available())
+    except ConfigError as e:
+        if env.is_main:  # every rank fails the same checks; one copy of the message is enough
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    from pretrain.runlog import RunLog
+    # From here on SIGUSR1/SIGTERM only set a flag: a signal during start-up is acted on after the
+    # first step (checkpoint, EXIT_PREEMPTED) instead of killing the rank with no exit code to requeue on.
+    stop = StopFlag().install()
+    init_distributed(env, cuda=torch.cuda.is_available())
+    log = RunLog(cfg.output_dir, enabled=env.is_main, report_to=cfg.report_to, total_steps=cfg.steps,
+                 wandb_project=cfg.wandb_project, run_config=cfg.to_dict())
+    if env.is_main:
+        save_config(cfg, log)
+    for line in cfg.derived:
+        log.info(f"config: {line}")
+    try:
+        return run(cfg, env, log, stop)
+    finally:
+        stop.uninstall()
+        log.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

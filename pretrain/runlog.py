@@ -1,0 +1,77 @@
+"""Run logging: RUN/log.jsonl always, wandb when asked, a progress bar with ETA; rank 0 only.
+
+log.jsonl is opened in append mode, so a resumed run continues the same file; every record carries
+its step, so readers can drop the steps a preempted run repeated after its last checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+
+class RunLog:
+    def __init__(self, output_dir: str, enabled: bool, report_to=("jsonl",), total_steps: int = 0,
+                 start_step: int = 0, wandb_project: str = "softclip", run_config: dict | None = None,
+                 progress: bool = True):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "log.jsonl"
+        self._file = open(self.path, "a") if enabled else None
+        self._bar = None
+        self._wandb = None
+        if enabled and progress:
+            from tqdm import tqdm
+            # mininterval keeps the bar from flooding a non-tty log (Slurm output files)
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                             mininterval=5.0 if not sys.stderr.isatty() else 0.5, file=sys.stderr)
+        if enabled and "wandb" in report_to:
+            import wandb
+            # Offline unless the user configured wandb (WANDB_MODE=online, or a logged-in key):
+            # compute nodes often have no network, and an online init would hang there.
+            mode = os.environ.get("WANDB_MODE", "offline")
+            self._wandb = wandb.init(project=wandb_project, dir=str(output_dir), mode=mode,
+                                     config=run_config, resume="allow",
+                                     id=Path(output_dir).resolve().name.replace("/", "_"))
+
+    def info(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._file.write(json.dumps({"time": round(time.time(), 3), **clean}) + "\n")
+        self._file.flush()
+
+    def log(self, step: int, metrics: dict, kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        self.write({"kind": kind, "step": step, **metrics})
+        if self._wandb is not None:
+            self._wandb.log({f"{kind}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+                            step=step)
+        if self._bar is not None and kind == "train":
+            self._bar.n = step
+            shown = {k: f"{metrics[k]:.4g}" for k in ("loss", "logit_scale", "lr") if k in metrics}
+            self._bar.set_postfix(shown, refresh=False)
+            self._bar.refresh()
+
+    def advance(self, step: int) -> None:
+        if self._bar is not None and step > self._bar.n:
+            self._bar.update(step - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._file is not None:
+            self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()

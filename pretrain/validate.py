@@ -1,0 +1,207 @@
+"""Checks behind pretrain.config: the DeepSpeed JSON, the batch arithmetic, files on disk.
+
+Each check appends one sentence per problem to `problems` (naming the bad value and the fix), so a
+user sees every mistake at once instead of one per launch.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# Keys DeepSpeed reads only inside "zero_optimization"; at the top level they are silently ignored.
+ZERO_KEYS = ("stage", "overlap_comm", "contiguous_gradients", "reduce_bucket_size", "allgather_bucket_size",
+             "reduce_scatter", "sub_group_size", "offload_param", "offload_optimizer")
+BATCH_KEYS = {"train_batch_size": "batch_size", "train_micro_batch_size_per_gpu": "micro_batch",
+              "gradient_accumulation_steps": "grad_accum"}
+
+
+def check_ds_config(path: str, cuda: bool, problems: list[str], derived: list[str]) -> dict:
+    try:
+        ds = json.loads(Path(path).read_text())
+    except OSError as e:
+        problems.append(f"--deepspeed_config {path}: cannot read it ({e.strerror}); the repo ships "
+                        f"ds_configs/zero3_bf16.json, zero2_bf16.json and cpu.json.")
+        return {}
+    except json.JSONDecodeError as e:
+        problems.append(f"--deepspeed_config {path}: not valid JSON ({e}).")
+        return {}
+    misplaced = [k for k in ds if k in ZERO_KEYS or k.startswith("stage3_")]
+    if misplaced:
+        problems.append(f"--deepspeed_config {path}: {', '.join(misplaced)} must sit inside "
+                        f"\"zero_optimization\"; DeepSpeed ignores them at the top level.")
+    fp16 = bool(ds.get("fp16", {}).get("enabled", False))
+    bf16 = bool(ds.get("bf16", {}).get("enabled", False))
+    if fp16 and bf16:
+        problems.append(f"--deepspeed_config {path}: fp16 and bf16 are both enabled; enable one.")
+    elif fp16 and not cuda:
+        problems.append(f"--deepspeed_config {path}: fp16 is enabled but there is no GPU; DeepSpeed's "
+                        f"CPU accelerator refuses fp16, use bf16 (ds_configs/cpu.json).")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        problems.append(f"--deepspeed_config {path}: zero_optimization.stage {stage!r} must be 0-3.")
+    opt = ds.get("optimizer")
+    if not isinstance(opt, dict) or str(opt.get("type", "")).lower() not in ("adam", "adamw"):
+        problems.append(f"--deepspeed_config {path}: needs an \"optimizer\" section of type AdamW "
+                        f"(got {opt!r}); copy the one in ds_configs/zero3_bf16.json.")
+    else:
+        params = opt.setdefault("params", {})
+        if not cuda and not params.get("torch_adam", False):
+            # DeepSpeed's fused Adam on CPU is a C++ op compiled at first use (~55 s here);
+            # torch's AdamW is as fast for the small models that train on CPU.
+            params["torch_adam"] = True
+            derived.append("optimizer: torch AdamW (no GPU; DeepSpeed's fused Adam needs one)")
+        for k in ("lr", "weight_decay"):
+            params.pop(k, None) if params.get(k) == "auto" else None
+    leftover = [k for k, v in _walk(ds) if v == "auto" and k.split(".")[-1] not in BATCH_KEYS]
+    if leftover:
+        problems.append(f"--deepspeed_config {path}: \"auto\" is only understood for the batch fields, "
+                        f"lr and weight_decay, not {', '.join(leftover)}; give numbers.")
+    return ds
+
+
+def _walk(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def reconcile_batch(ds: dict, raw: dict, world: int, problems: list[str]):
+    """Fill the three DeepSpeed batch fields so that global = micro x accum x world.
+
+    A flag overrides the JSON's number for the same field; "auto" (or absent) is derived from the
+    other two. Returns (global, micro, accum) or None after recording the problem.
+    """
+    vals: dict[str, int | None] = {}
+    for key, flag in BATCH_KEYS.items():
+        v = raw.get(flag) if raw.get(flag) is not None else ds.get(key, "auto")
+        if v == "auto" or v is None:
+            vals[key] = None
+        elif isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+            vals[key] = v
+        else:
+            problems.append(f"{key} / --{flag.replace('_', '-')} = {v!r} must be a positive integer or \"auto\".")
+            return None
+    g, m, a = (vals[k] for k in BATCH_KEYS)
+    if g is None and m is None:
+        problems.append("no batch size: give --batch-size (global) or --micro-batch (per device), or set "
+                        "train_batch_size in the DeepSpeed JSON.")
+        return None
+    a = a if a is not None else (1 if g is None or m is None else None)
+    if g is None:
+        g = m * a * world
+    elif m is None:
+        if g % (a * world):
+            problems.append(f"global batch {g} is not divisible by accumulation {a} x world size {world}; "
+                            f"choose a multiple of {a * world}.")
+            return None
+        m = g // (a * world)
+    elif a is None:
+        if g % (m * world):
+            problems.append(f"global batch {g} is not divisible by micro batch {m} x world size {world}; "
+                            f"choose a multiple of {m * world}.")
+            return None
+        a = g // (m * world)
+    if g != m * a * world:
+        problems.append(f"batch arithmetic does not hold: global {g} != micro {m} x accumulation {a} x "
+                        f"world size {world} = {m * a * world}; fix one of them or set it to \"auto\".")
+        return None
+    ds.update(train_batch_size=g, train_micro_batch_size_per_gpu=m, gradient_accumulation_steps=a)
+    return g, m, a
+
+
+def expand_shards(spec: str) -> list[str]:
+    """'a/{000..009}.tar', 'dir/' (all .tar inside) or several joined with '::' -> list of URLs."""
+    from braceexpand import braceexpand
+    urls: list[str] = []
+    for part in str(spec).split("::"):
+        if os.path.isdir(part):
+            urls += sorted(str(p) for p in Path(part).glob("*.tar"))
+        else:
+            urls += list(braceexpand(part))
+    return urls
+
+
+def _is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
+def resolve_train_data(spec: str) -> str:
+    """"embedded" / "embedded:DIR" -> the embedded build's training shards; anything else as is."""
+    if spec != "embedded" and not spec.startswith("embedded:"):
+        return spec
+    from data.embedded.build import DEFAULT_OUT, shard_pattern
+    root = DEFAULT_OUT if spec == "embedded" else spec[len("embedded:"):]
+    try:
+        return shard_pattern("train", root)
+    except (OSError, KeyError, ValueError):
+        return str(Path(root) / "train-*.tar (not built: run `python -m data.embedded`)")
+
+
+def check_data_and_model(raw: dict, resume: str | None, env, problems: list[str]) -> None:
+    urls = expand_shards(raw["train_data"])
+    missing = [u for u in urls if not _is_remote(u) and not os.path.isfile(u)]
+    if not urls:
+        problems.append(f"--train-data {raw['train_data']!r} names no shards.")
+    elif missing:
+        hint = " (build the embedded shards with `python -m data.embedded`)" if "embedded" in raw["train_data"] else ""
+        problems.append(f"--train-data: {len(missing)} of {len(urls)} shards not found, e.g. {missing[0]}{hint}.")
+    tok_dir = Path(raw["tokenizer"])
+    if not tok_dir.exists():
+        problems.append(f"--tokenizer {tok_dir} does not exist (build the embedded one with "
+                        f"`python -m data.embedded`, or point at a trained tokenizer directory).")
+    else:
+        _check_vocab(raw["model"], tok_dir, problems)
+    for flag in ("zeroshot_data", "retrieval_data"):
+        v = str(raw[flag])
+        if v.startswith("embedded:") and not (Path(v[len("embedded:"):]) / "manifest.json").is_file():
+            problems.append(f"--{flag.replace('_', '-')} {v}: no embedded build there (python -m data.embedded --out DIR).")
+        elif v not in ("embedded", "none") and not v.startswith("embedded:") and not _is_remote(v) and not all(map(os.path.exists, expand_shards(v) or [v])):
+            problems.append(f"--{flag.replace('_', '-')} {v}: not found; give a path, 'embedded' or 'none'.")
+    if resume not in (None, "latest") and not Path(resume).is_dir():
+        problems.append(f"--resume {resume}: no such checkpoint directory; give a tag directory "
+                        f"(RUN/checkpoints/step_00000100) or 'latest'.")
+    out = Path(raw["output_dir"])
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_probe_rank{env.rank}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        problems.append(f"--output-dir {out} is not writable ({e.strerror}); choose another directory.")
+
+
+def vocab_override(model: str, vocab_size: int) -> dict:
+    """Model overrides that size the text embedding to the tokenizer.
+
+    Named configs leave vocab_size to the tokenizer; a model JSON that states text.vocab_size keeps
+    it, and the check below then requires the tokenizer to match instead of silently resizing.
+    """
+    path = Path(model)
+    if path.suffix == ".json" and path.is_file():
+        try:
+            if "vocab_size" in json.loads(path.read_text()).get("text", {}):
+                return {}
+        except (ValueError, AttributeError):
+            return {}  # get_model_config reports the broken file
+    return {"vocab_size": vocab_size}
+
+
+def _check_vocab(model: str, tok_dir: Path, problems: list[str]) -> None:
+    try:
+        from data.tokenizer import Tokenizer
+        from models import get_model_config
+        tok = Tokenizer.load(str(tok_dir))
+        mcfg = get_model_config(model, **vocab_override(model, tok.vocab_size))
+    except (OSError, ValueError, KeyError) as e:
+        problems.append(f"--model {model} / --tokenizer {tok_dir}: cannot load ({e}).")
+        return
+    t = mcfg.text
+    got = (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id)
+    want = (t.vocab_size, t.pad_id, t.bos_id, t.eos_id)
+    if got != want:
+        problems.append(f"tokenizer {tok_dir} has (vocab_size, pad, bos, eos) = {got} but model {model} has "
+                        f"{want}; use the tokenizer the model config was written for, or drop "
+                        f"text.vocab_size from the model JSON to size it from the tokenizer.")

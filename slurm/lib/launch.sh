@@ -1,0 +1,232 @@
+# shellcheck shell=bash
+# Shared by every script in slurm/ (sourced, never run): setup checks, the rank launch through srun,
+# signal forwarding and the requeue-on-preemption loop. One copy, so that a fix reaches every job.
+#
+# Contract with the trainer (pretrain/main.py, pretrain/signals.py, pretrain/dist.py):
+#   * one process per GPU (per task on CPU), started by `srun`; pretrain/dist.py maps SLURM_PROCID /
+#     SLURM_LOCALID / SLURM_NTASKS to rank / local rank / world size and reads MASTER_ADDR and
+#     MASTER_PORT, which this file exports. Nothing else in the trainer reads SLURM_*.
+#   * SIGUSR1 or SIGTERM -> the trainer finishes its step, checkpoints and exits with EXIT_PREEMPTED
+#     (124). That code, and only that code, makes the job requeue itself; `--resume latest` in the
+#     next start continues from the checkpoint with the same job id, hence the same run directory.
+#
+# Site settings, all optional (environment variables exported to sbatch, which passes them on):
+#   SETUP_CMD   shell code run first in the batch shell, e.g. "module load cuda/12.4; source env/bin/activate"
+#   PYTHON      interpreter (default: REPO/.venv/bin/python if present, else python3)
+#   SRUN_ARGS   extra srun options, e.g. a container: "--container-image=... --container-mounts=..."
+#   SRUN_WAIT   seconds srun lets the other ranks run after the first one exits (default 120): a
+#               crashed rank would otherwise leave its peers blocked in a collective until timeout.
+#               (Not --kill-on-bad-exit: it SIGTERMs peers that are a moment slower to exit 124,
+#               and srun then reports 143, which would lose the requeue. Measured on Slurm 22.05.)
+#   MAX_RESTARTS  requeues allowed per job (default 20); SLURM_RESTART_COUNT is unset on the first run.
+#   MASTER_PORT   overrides the port derived from the job id.
+# Partition, account, time, nodes and GPUs are sbatch options: `sbatch -p gpu -A proj --nodes=4 ...`
+# or SBATCH_PARTITION / SBATCH_ACCOUNT / SBATCH_TIMELIMIT in the environment.
+
+EXIT_PREEMPTED=124  # pretrain/signals.py
+EXIT_SETUP=2        # like the trainer's configuration errors
+
+die() {
+    echo "error: $*" >&2
+    exit "$EXIT_SETUP"
+}
+
+# Call first: strict mode, repo root as working directory, site setup, interpreter.
+launch_init() {
+    set -euo pipefail
+    [[ -n ${SLURM_JOB_ID:-} ]] || die "not inside a Slurm job; submit with \`sbatch ${0##*/}\` from the repository root."
+    cd "$REPO"
+    if [[ -n ${SETUP_CMD:-} ]]; then
+        eval "$SETUP_CMD" || die "SETUP_CMD failed: $SETUP_CMD"
+    fi
+    if [[ -z ${PYTHON:-} ]]; then
+        if [[ -x $REPO/.venv/bin/python ]]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=python3; fi
+    fi
+    command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON is not an executable; set PYTHON or SETUP_CMD."
+    SRUN_WAIT=${SRUN_WAIT:-120}
+    MAX_RESTARTS=${MAX_RESTARTS:-20}
+    echo "== job $SLURM_JOB_ID ($SLURM_JOB_NAME) on $SLURM_JOB_NODELIST, started $(date -Is)"
+    echo "== SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-unset} (requeues allowed: $MAX_RESTARTS)"
+}
+
+is_int() { [[ $1 =~ ^[0-9]+$ ]]; }
+
+# ---------------------------------------------------------------------------- setup checks
+check_file() {  # NAME VALUE [HINT]
+    [[ -f $2 ]] || die "$1=$2: no such file${3:+; $3}."
+}
+
+check_dir() {  # NAME VALUE [HINT]
+    [[ -d $2 ]] || die "$1=$2: no such directory${3:+; $3}."
+}
+
+# Shard specs use the trainer's own syntax (brace ranges, a folder, parts joined by '::'), so they
+# are expanded by the trainer's function rather than re-implemented here.
+check_shards() {  # NAME SPEC [HINT]
+    local msg
+    msg=$("$PYTHON" - "$2" <<'EOF'
+import os, sys
+from pretrain.validate import expand_shards
+spec = sys.argv[1]
+urls = expand_shards(spec)
+local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+missing = [u for u in local if not os.path.isfile(u)]
+if not urls:
+    print("names no shards")
+elif missing:
+    print(f"{len(missing)} of {len(urls)} shards not found, e.g. {missing[0]}")
+EOF
+    ) || die "$1=$2: could not check the shards with $PYTHON (is the environment set up?)."
+    [[ -z $msg ]] || die "$1=$2: $msg${3:+; $3}."
+}
+
+check_eval_data() {  # NAME VALUE: 'embedded', 'none', a folder or shards
+    case $2 in
+        embedded | none) ;;
+        *) if [[ -d $2 ]]; then :; else check_shards "$1" "$2"; fi ;;
+    esac
+}
+
+# ---------------------------------------------------------------------------- ranks and batch
+# Sets NNODES, TASKS_PER_NODE, WORLD from the allocation (what srun will start).
+world_layout() {
+    NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+    WORLD=${SLURM_NTASKS:-$NNODES}
+    TASKS_PER_NODE=${SLURM_NTASKS_PER_NODE:-}
+    if [[ -z $TASKS_PER_NODE ]]; then
+        (( WORLD % NNODES == 0 )) || die "$WORLD tasks do not split evenly over $NNODES nodes; pass --ntasks-per-node."
+        TASKS_PER_NODE=$(( WORLD / NNODES ))
+    fi
+    local gpus=${SLURM_GPUS_PER_NODE:-0}
+    gpus=${gpus##*:}  # "a100:8" -> 8
+    if is_int "$gpus" && (( gpus > 0 )) && (( TASKS_PER_NODE != gpus )); then
+        die "--ntasks-per-node=$TASKS_PER_NODE but --gpus-per-node=$gpus; the trainer runs one process per GPU, so pass the same number to both (sbatch --gpus-per-node=N --ntasks-per-node=N)."
+    fi
+    if is_int "$gpus" && (( gpus > 0 )); then DEVICES_DESC="$gpus GPUs per node"; else DEVICES_DESC="no GPUs requested"; fi
+}
+
+# GRAD_ACCUM = GLOBAL_BATCH / (MICRO_BATCH x WORLD), exactly; an explicit GRAD_ACCUM must agree.
+batch_split() {
+    local g=${GLOBAL_BATCH:?} m=${MICRO_BATCH:?}
+    if ! is_int "$g" || (( g == 0 )); then die "GLOBAL_BATCH=$g must be a positive integer."; fi
+    if ! is_int "$m" || (( m == 0 )); then die "MICRO_BATCH=$m must be a positive integer."; fi
+    local per_step=$(( m * WORLD ))
+    if (( g % per_step != 0 )); then
+        die "batch arithmetic does not divide: GLOBAL_BATCH=$g is not a multiple of MICRO_BATCH=$m x $WORLD ranks ($NNODES nodes x $TASKS_PER_NODE per node) = $per_step. Choose GLOBAL_BATCH as a multiple of $per_step, or change MICRO_BATCH or the node count so that micro batch x ranks divides $g."
+    fi
+    local accum=$(( g / per_step ))
+    if [[ -n ${GRAD_ACCUM:-} && ${GRAD_ACCUM} != "$accum" ]]; then
+        die "GRAD_ACCUM=$GRAD_ACCUM disagrees with GLOBAL_BATCH=$g / (MICRO_BATCH=$m x $WORLD ranks) = $accum; unset GRAD_ACCUM to derive it."
+    fi
+    GRAD_ACCUM=$accum
+    echo "== global batch $g = $NNODES nodes x $TASKS_PER_NODE ranks x micro batch $m x accumulation $accum"
+}
+
+# Rank 0's host and a port from the job id: the same on every node without any communication, and
+# stable across requeues (same id), different between jobs that share a node.
+master_env() {
+    # `|| true`: with pipefail, head closing the pipe early must not count as a failure
+    MASTER_ADDR=$({ scontrol show hostnames "$SLURM_JOB_NODELIST" || true; } | head -n1)
+    [[ -n $MASTER_ADDR ]] || die "scontrol show hostnames gave no host for SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST."
+    MASTER_PORT=${MASTER_PORT:-$(( 15000 + SLURM_JOB_ID % 15000 ))}
+    export MASTER_ADDR MASTER_PORT
+    echo "== master $MASTER_ADDR:$MASTER_PORT, $WORLD ranks ($NNODES nodes x $TASKS_PER_NODE, $DEVICES_DESC)"
+}
+
+# ---------------------------------------------------------------------------- launch
+# Runs CMD once per task through srun and sets RANKS_RC. `#SBATCH --signal=B:USR1@T` delivers the
+# warning to this batch shell only, and bash runs a trap only between foreground commands, so srun
+# runs in the background and we `wait` for it; the trap forwards the signal to srun, which passes
+# it on to every task. `wait` returns early (>128) when a trapped signal arrives: wait again until
+# srun is gone, then once more to collect its real status.
+run_ranks() {
+    local cpt=()
+    [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && cpt=(--cpus-per-task="$SLURM_CPUS_PER_TASK")  # srun no longer inherits it (22.05+)
+    # shellcheck disable=SC2086  # SRUN_ARGS is a list of options on purpose
+    srun --ntasks="$WORLD" --ntasks-per-node="$TASKS_PER_NODE" "${cpt[@]}" --wait="$SRUN_WAIT" \
+        --kill-on-bad-exit=0 ${SRUN_ARGS:-} "$@" &
+    local pid=$!
+    trap 'echo "== $(date -Is) batch shell got SIGUSR1: forwarding to the ranks (srun $pid)"; kill -USR1 '"$pid"' 2>/dev/null || true' USR1
+    while kill -0 "$pid" 2>/dev/null; do
+        wait "$pid" || true
+    done
+    set +e
+    wait "$pid"
+    RANKS_RC=$?
+    set -e
+    trap - USR1
+}
+
+# Run the trainer on every rank; requeue on its preemption code, bounded by MAX_RESTARTS.
+train_and_requeue() {
+    echo "== $(date -Is) launching: $*"
+    run_ranks "$@"
+    local rc=$RANKS_RC restarts=${SLURM_RESTART_COUNT:-0}
+    if (( rc == EXIT_PREEMPTED )); then
+        if (( restarts >= MAX_RESTARTS )); then
+            echo "== checkpointed and stopped (exit $rc), but this job has already been requeued $restarts times (MAX_RESTARTS=$MAX_RESTARTS); not requeuing. To continue from its latest checkpoint, resubmit with OUTPUT_DIR=${OUTPUT_DIR:-<this run directory>}." >&2
+            exit "$rc"
+        fi
+        echo "== $(date -Is) trainer checkpointed and stopped (exit $rc); requeuing job $SLURM_JOB_ID (restart $(( restarts + 1 )) of at most $MAX_RESTARTS)"
+        scontrol requeue "$SLURM_JOB_ID" || { echo "error: scontrol requeue $SLURM_JOB_ID failed; resubmit with OUTPUT_DIR=${OUTPUT_DIR:-<this run directory>} to resume from its latest checkpoint." >&2; exit "$rc"; }
+        exit 0
+    fi
+    if (( rc == 128 + 10 )); then  # SIGUSR1's default action: it arrived before the trainer's handler
+        echo "== $(date -Is) the ranks were killed by SIGUSR1 before the trainer installed its handler, so nothing was saved; not requeuing. Is --time longer than the --signal=B:USR1@SECONDS warning (timed signals may also come early)?" >&2
+        exit "$rc"
+    fi
+    if (( rc != 0 )); then
+        echo "== $(date -Is) trainer failed with exit code $rc; not requeuing (only $EXIT_PREEMPTED, the checkpoint-and-stop code, requeues)." >&2
+        exit "$rc"
+    fi
+    echo "== $(date -Is) done"
+}
+
+# Shared trainer command line from the variables each script sets (see cc12m_vitl.sh for the list).
+trainer_args() {
+    TRAINER_ARGS=(
+        pretrain/main.py
+        --deepspeed_config "$DS_CONFIG" --model "$MODEL" --loss "$LOSS"
+        --train-data "$TRAIN_DATA" --tokenizer "$TOKENIZER"
+        --batch-size "$GLOBAL_BATCH" --micro-batch "$MICRO_BATCH" --grad-accum "$GRAD_ACCUM"
+        --steps "$STEPS" --warmup "$WARMUP" --lr "$LR" --min-lr "$MIN_LR" --weight-decay "$WD"
+        --save-every "$SAVE_EVERY" --eval-every "$EVAL_EVERY" --log-every "$LOG_EVERY"
+        --zeroshot-data "$ZEROSHOT_DATA" --retrieval-data "$RETRIEVAL_DATA"
+        --workers "$WORKERS" --seed "$SEED" --report-to "$REPORT_TO"
+        --output-dir "$OUTPUT_DIR" --resume latest
+    )
+    [[ -n ${TRAIN_NUM_SAMPLES:-} ]] && TRAINER_ARGS+=(--train-num-samples "$TRAIN_NUM_SAMPLES")
+    [[ ${GRAD_CHECKPOINTING:-0} == 1 ]] && TRAINER_ARGS+=(--grad-checkpointing)
+    [[ ${ZERO_INIT:-0} == 1 ]] && TRAINER_ARGS+=(--zero-init)
+    case $LOSS in
+        softclip) TRAINER_ARGS+=(--alpha "$ALPHA" --beta "$BETA" --soft-temperature "$SOFT_TEMPERATURE"
+                                 --soft-source "$SOFT_SOURCE") ;;
+        clip) ;;
+        *) die "LOSS=$LOSS: choose clip or softclip." ;;
+    esac
+    # shellcheck disable=SC2206  # EXTRA_ARGS: further trainer flags, split on spaces
+    TRAINER_ARGS+=(${EXTRA_ARGS:-})
+    return 0
+}
+
+# The whole training job: checks, layout, batch split, master, launch, requeue.
+launch_training() {
+    case $LOSS in clip | softclip) ;; *) die "LOSS=$LOSS: choose clip or softclip." ;; esac
+    check_file DS_CONFIG "$DS_CONFIG" "the repo ships ds_configs/zero3_bf16.json and ds_configs/cpu.json"
+    check_shards TRAIN_DATA "$TRAIN_DATA" "set TRAIN_DATA to your img2dataset shards, e.g. /data/cc12m/{00000..01242}.tar"
+    check_dir TOKENIZER "$TOKENIZER" "train one with data.tokenizer.train_tokenizer or use data/embedded/tokenizer"
+    check_eval_data ZEROSHOT_DATA "$ZEROSHOT_DATA"
+    check_eval_data RETRIEVAL_DATA "$RETRIEVAL_DATA"
+    world_layout
+    batch_split
+    if [[ -z ${WORKERS:-} ]]; then  # data loader processes per rank: the task's CPUs minus the rank itself
+        local c=${SLURM_CPUS_PER_TASK:-2}
+        WORKERS=$(( c > 2 ? c - 2 : 1 ))
+    fi
+    OUTPUT_DIR=${OUTPUT_DIR:-$RUNS_DIR/$SLURM_JOB_NAME-$SLURM_JOB_ID}
+    mkdir -p "$OUTPUT_DIR" || die "OUTPUT_DIR=$OUTPUT_DIR cannot be created; set OUTPUT_DIR or RUNS_DIR to a writable shared directory."
+    echo "== run directory $OUTPUT_DIR"
+    master_env
+    trainer_args
+    train_and_requeue "$PYTHON" -u "${TRAINER_ARGS[@]}"
+}
