@@ -17,7 +17,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 test: setup
 	$(PY) -m pytest -q tests
 
-# Builds the embedded data, trains `tiny` with SoftCLIP on 2 ranks through the deepspeed launcher
+# Builds the embedded data, trains a small model with SoftCLIP on 2 ranks through the deepspeed launcher
 # (CPU ranks with gloo when there is no GPU), evaluates, exports to transformers, classifies an image
 # through the transformers pipeline, prints a results table and writes runs/demo/demo.png.
 demo: setup

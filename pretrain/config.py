@@ -40,6 +40,9 @@ class TrainConfig:
     beta: float                    # weight of the disentangled-negatives KL term
     soft_temperature: float
     soft_source: str               # "image", "text" or "both"
+    soft_standardize: bool         # per-row standardisation of F before the temperature
+    soft_topk: int | None          # restrict S to each row's k nearest columns (None: all N)
+    soft_warmup_steps: int         # alpha and beta ramp linearly from 0 over these steps
     grad_checkpointing: bool
     zero_init: bool                # build the model inside deepspeed.zero.Init (partitioned at birth)
     # data
@@ -97,6 +100,7 @@ class TrainConfig:
 
 DEFAULTS = dict(
     model="tiny", loss="softclip", alpha=0.2, beta=1.0, soft_temperature=0.1, soft_source="both",
+    soft_standardize=False, soft_topk=None, soft_warmup="0",
     grad_checkpointing=False, zero_init=False, train_data=None, train_num_samples=None,
     tokenizer="data/embedded/tokenizer", workers=2, seed=0, zeroshot_data="embedded",
     retrieval_data="embedded", eval_batch_size=256, steps=1000, warmup="5%", save_every="10%",
@@ -104,7 +108,8 @@ DEFAULTS = dict(
     micro_batch=None, grad_accum=None, output_dir=None, resume=None, keep_checkpoints=2,
     report_to="jsonl", wandb_project="softclip", max_nonfinite=5, debug_nan="",
     deepspeed_config=None)
-SOFT_OPTIONS = ("alpha", "beta", "soft_temperature", "soft_source")
+SOFT_OPTIONS = ("alpha", "beta", "soft_temperature", "soft_source", "soft_standardize", "soft_topk",
+                "soft_warmup")
 DEFAULT_LR = 5e-4
 
 
@@ -117,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--loss", choices=["softclip", "clip"])
     a("--alpha", type=float); a("--beta", type=float); a("--soft-temperature", type=float)
     a("--soft-source", choices=["image", "text", "both"])
+    a("--soft-standardize", action="store_true", help="standardise each row of F before the temperature")
+    a("--soft-topk", type=int, help="soft targets only over each row's k most similar columns")
+    a("--soft-warmup", help="ramp alpha and beta from 0 over this long (steps, %%, ex, ep)")
     a("--grad-checkpointing", action="store_true")
     a("--zero-init", action="store_true", help="build the model partitioned (ZeRO-3, very large models)")
     a("--train-data", help="webdataset shards: a brace pattern, a directory of .tar files or a list with '::'")
@@ -202,6 +210,7 @@ def build_config(argv: list[str] | None, env: DistEnv, cuda: bool, check_files: 
     need(0.0 <= float(raw["alpha"]) <= 1.0, f"--alpha {raw['alpha']} must lie in [0, 1].")
     need(float(raw["beta"]) >= 0.0, f"--beta {raw['beta']} must be >= 0.")
     need(float(raw["soft_temperature"]) > 0.0, f"--soft-temperature {raw['soft_temperature']} must be > 0.")
+    need(raw["soft_topk"] is None or int(raw["soft_topk"]) >= 2, f"--soft-topk {raw['soft_topk']} must be >= 2.")
     need(raw["soft_source"] in ("image", "text", "both"),
          f"--soft-source {raw['soft_source']!r} must be image, text or both.")
     need(raw["train_data"] is not None, "--train-data is required (e.g. data/embedded/shards/train-{000000..000003}.tar).")
@@ -237,7 +246,7 @@ def build_config(argv: list[str] | None, env: DistEnv, cuda: bool, check_files: 
 
     # everything in steps
     n_ep = raw["train_num_samples"]
-    steps = warmup = save_every = eval_every = 0
+    steps = warmup = save_every = eval_every = soft_warmup = 0
     try:
         steps = schedule.to_steps(raw["steps"], "--steps", total_steps=None, global_batch=global_batch,
                                   samples_per_epoch=n_ep)
@@ -245,6 +254,7 @@ def build_config(argv: list[str] | None, env: DistEnv, cuda: bool, check_files: 
         warmup = schedule.to_steps(raw["warmup"], "--warmup", **kw)
         save_every = schedule.to_steps(raw["save_every"], "--save-every", **kw)
         eval_every = schedule.to_steps(raw["eval_every"], "--eval-every", **kw)
+        soft_warmup = schedule.to_steps(raw["soft_warmup"], "--soft-warmup", **kw)
     except ValueError as e:
         problems.append(str(e))
     need(steps >= 1, f"--steps {raw['steps']} gives {steps} optimizer steps; it must be at least 1.")
@@ -267,6 +277,8 @@ def build_config(argv: list[str] | None, env: DistEnv, cuda: bool, check_files: 
     return TrainConfig(
         model=raw["model"], loss=raw["loss"], alpha=float(raw["alpha"]), beta=float(raw["beta"]),
         soft_temperature=float(raw["soft_temperature"]), soft_source=raw["soft_source"],
+        soft_standardize=bool(raw["soft_standardize"]),
+        soft_topk=None if raw["soft_topk"] is None else int(raw["soft_topk"]), soft_warmup_steps=soft_warmup,
         grad_checkpointing=bool(raw["grad_checkpointing"]), zero_init=bool(raw["zero_init"]),
         train_data=str(raw["train_data"]), train_num_samples=n_ep, tokenizer=str(raw["tokenizer"]),
         workers=int(raw["workers"]), seed=int(raw["seed"]), zeroshot_data=str(raw["zeroshot_data"]),
@@ -278,5 +290,5 @@ def build_config(argv: list[str] | None, env: DistEnv, cuda: bool, check_files: 
         keep_checkpoints=int(raw["keep_checkpoints"]), report_to=report_to,
         wandb_project=str(raw["wandb_project"]), max_nonfinite=int(raw["max_nonfinite"]),
         debug_nan=nan_spec, deepspeed_config=ds_path, ds_config=ds,
-        specs={k: str(raw[k]) for k in ("steps", "warmup", "save_every", "eval_every")},
+        specs={k: str(raw[k]) for k in ("steps", "warmup", "save_every", "eval_every", "soft_warmup")},
         derived=tuple(derived))

@@ -24,11 +24,11 @@ class TrainTask(nn.Module):
         super().__init__()
         self.model, self.loss = model, loss
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor) -> dict:
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, step: int | None = None) -> dict:
         out = self.model(images, input_ids)
         if self.loss.__class__.__name__ == "SoftCLIPLoss":
             terms = self.loss(out.image_emb, out.text_emb, out.logit_scale, out.image_tokens,
-                              out.text_tokens, out.text_mask, out.image_mask)
+                              out.text_tokens, out.text_mask, out.image_mask, step=step)
         else:
             terms = self.loss(out.image_emb, out.text_emb, out.logit_scale)
         terms["logit_scale"] = out.logit_scale.detach().reshape(())
@@ -40,7 +40,8 @@ def build_loss(cfg: TrainConfig, rank: int, world_size: int) -> nn.Module:
     if cfg.loss == "clip":
         return ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
     return SoftCLIPLoss(alpha=cfg.alpha, beta=cfg.beta, soft_temperature=cfg.soft_temperature,
-                        soft_source=cfg.soft_source, local_loss=True, gather_with_grad=True,
+                        soft_source=cfg.soft_source, standardize=cfg.soft_standardize, topk=cfg.soft_topk,
+                        warmup_steps=cfg.soft_warmup_steps, local_loss=True, gather_with_grad=True,
                         rank=rank, world_size=world_size)
 
 
@@ -114,7 +115,7 @@ def train(engine, data, cfg: TrainConfig, state: TrainState, log, stop, on_step_
             batch = next(data)
             state.samples_seen += cfg.micro_batch * world
             terms = engine(batch["images"].to(device, non_blocking=True),
-                           batch["input_ids"].to(device, non_blocking=True))
+                           batch["input_ids"].to(device, non_blocking=True), step=state.step)
             loss = terms["loss"]
             if _inject_nan(cfg.debug_nan, state.step + 1, bad_run):
                 loss = loss * float("nan")
