@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from losses import ClipLoss, SoftCLIPLoss
 from pretrain import schedule
 from pretrain.config import TrainConfig
 
@@ -26,7 +27,7 @@ class TrainTask(nn.Module):
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, step: int | None = None) -> dict:
         out = self.model(images, input_ids)
-        if self.loss.__class__.__name__ == "SoftCLIPLoss":
+        if isinstance(self.loss, SoftCLIPLoss):
             terms = self.loss(out.image_emb, out.text_emb, out.logit_scale, out.image_tokens,
                               out.text_tokens, out.text_mask, out.image_mask, step=step)
         else:
@@ -36,7 +37,6 @@ class TrainTask(nn.Module):
 
 
 def build_loss(cfg: TrainConfig, rank: int, world_size: int) -> nn.Module:
-    from losses import ClipLoss, SoftCLIPLoss
     if cfg.loss == "clip":
         return ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
     return SoftCLIPLoss(alpha=cfg.alpha, beta=cfg.beta, soft_temperature=cfg.soft_temperature,
