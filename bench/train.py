@@ -1,4 +1,4 @@
-"""Trainer step time: --loss clip vs --loss softclip on the same model, batch and DeepSpeed engine.
+"""Trainer step time: --loss clip vs --loss softclip (per target source) on the same model, batch and engine.
 
     python bench/train.py                                  # CPU: tiny, 1 process, ds_configs/cpu_fp32.json
     deepspeed --num_gpus 2 bench/train.py                  # the same on 2 ranks (CPU or GPU)
@@ -6,7 +6,10 @@
 
 Each configuration builds the real engine (pretrain.engine.build_engine: model + loss in one ZeRO
 module) and times forward + backward + optimizer step on a fixed synthetic batch, so data loading
-is excluded; the median of --iters steps after --warmup is reported. FLOPs are an estimate:
+is excluded; the median of --iters steps after --warmup is reported. SoftCLIP runs once per target
+source (--sources): online (the model's own tokens), precomputed text (synthetic [B, 32, 384] features
+in place of MiniLM's, image online) and ema (an EMA teacher for both towers: one extra no-grad forward
+and the EMA update per step). FLOPs are an estimate:
 3 x (2 x matmul parameters x tokens + 4 x layers x tokens^2 x width) per tower (no recompute).
 """
 from __future__ import annotations
@@ -48,12 +51,22 @@ def synthetic_batch(config, batch: int, device):
     return images.to(device), ids.to(device)
 
 
-def bench_one(model_name: str, loss: str, args, env, cuda: bool) -> dict:
+SOURCES = {  # row label -> trainer flags
+    "clip": ["--loss", "clip"],
+    "online": ["--loss", "softclip"],
+    "precomp-txt": ["--loss", "softclip", "--soft-text-source", "precomputed"],
+    "ema": ["--loss", "softclip", "--soft-image-source", "ema", "--soft-text-source", "ema"],
+}
+FINE_TXT_SHAPE = (32, 384)  # all-MiniLM-L6-v2 token features, as data.precompute_fine writes them
+
+
+def bench_one(model_name: str, source: str, args, env, cuda: bool) -> dict:
     from models import create_model
     from pretrain.config import build_config
     from pretrain.engine import build_engine, build_loss
+    from pretrain.teacher import build_teacher
     out = tempfile.mkdtemp(prefix="bench_train_")
-    flags = ["--model", model_name, "--loss", loss, "--train-data", "unused", "--output-dir", out,
+    flags = ["--model", model_name, *SOURCES[source], "--train-data", "unused", "--output-dir", out,
              "--micro-batch", str(args.micro_batch), "--steps", "1000"]
     if args.deepspeed_config:
         flags += ["--deepspeed_config", args.deepspeed_config]
@@ -64,29 +77,39 @@ def bench_one(model_name: str, loss: str, args, env, cuda: bool) -> dict:
     model = create_model(model_name, vocab_size=args.vocab_size)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    engine = build_engine(cfg, model, build_loss(cfg, env.rank, env.world_size))
+    teacher = build_teacher(model) if cfg.ema_modalities else None
+    engine, ema = build_engine(cfg, model, build_loss(cfg, env.rank, env.world_size), teacher, env.rank)
     images, ids = synthetic_batch(model.config, args.micro_batch, engine.device)
+    fine = None
+    if cfg.fine_members:
+        g = torch.Generator().manual_seed(env.rank)
+        x = torch.nn.functional.normalize(torch.randn(args.micro_batch, *FINE_TXT_SHAPE, generator=g), dim=-1)
+        n = FINE_TXT_SHAPE[0]
+        mask = torch.arange(n)[None] < torch.randint(4, n + 1, (args.micro_batch, 1), generator=g)  # valid rows
+        fine = {"fine_txt": (x * mask[..., None]).to(engine.device), "fine_txt_mask": mask.to(engine.device)}
     times = []
     for i in range(args.warmup + args.iters):
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        terms = engine(images, ids)
+        terms = engine(images, ids, fine=fine)
         engine.backward(terms["loss"])
         engine.step()
+        if ema is not None:
+            ema.update()
         if cuda:
             torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     step = statistics.median(times)
-    rec = dict(model=model_name, loss=loss, ms=1e3 * step, samples_s=args.micro_batch * env.world_size / step)
+    rec = dict(model=model_name, loss=source, ms=1e3 * step, samples_s=args.micro_batch * env.world_size / step)
     if cuda:
         name = torch.cuda.get_device_name()
         peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
         tflops = train_flops(model.config, args.micro_batch) / step / 1e12
         rec.update(tflops=tflops, mfu=tflops / peak if peak else None,
                    mem_gb=torch.cuda.max_memory_allocated() / 2 ** 30)
-    del engine, model
+    del engine, model, teacher, ema
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -101,6 +124,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--sources", default=",".join(SOURCES), help=f"comma list of {', '.join(SOURCES)}")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--deepspeed_config", default=None)
     p.add_argument("--local_rank", type=int, default=-1)
@@ -112,17 +136,24 @@ def main(argv=None) -> int:
     models = (args.models or ("ViT-B-16,ViT-L-14" if cuda else "tiny")).split(",")
     env = pdist.from_environ(local_rank_arg=args.local_rank)
     init_distributed(env, cuda)
-    rows = [bench_one(m, loss, args, env, cuda) for m in models for loss in ("clip", "softclip")]
+    sources = args.sources.split(",")
+    unknown = [x for x in sources if x not in SOURCES]
+    if unknown:
+        p.error(f"--sources: unknown {unknown}; choose from {', '.join(SOURCES)}")
+    rows = [bench_one(m, source, args, env, cuda) for m in models for source in sources]
     if env.is_main:
         dev = torch.cuda.get_device_name() if cuda else f"CPU x {torch.get_num_threads()} threads"
         print(f"\n{dev}, world size {env.world_size}, micro batch {args.micro_batch}, median of {args.iters} steps")
-        print(f"{'model':<10} {'loss':<9} {'ms/step':>9} {'samples/s':>10}" + ("  TFLOP/s    MFU  mem GB" if cuda else ""))
+        print(f"{'model':<10} {'source':<12} {'ms/step':>9} {'samples/s':>10} {'x clip':>7}"
+              + ("  TFLOP/s    MFU  mem GB" if cuda else ""))
         for r in rows:
+            clip = next((c for c in rows if c["model"] == r["model"] and c["loss"] == "clip"), None)
+            ratio = f"{r['ms'] / clip['ms']:7.3f}" if clip else f"{'-':>7}"
             extra = f"  {r['tflops']:7.1f} {r['mfu'] or 0:6.1%} {r['mem_gb']:7.1f}" if cuda else ""
-            print(f"{r['model']:<10} {r['loss']:<9} {r['ms']:9.1f} {r['samples_s']:10.1f}{extra}")
-        for m in models:
-            clip, soft = (next(r for r in rows if r["model"] == m and r["loss"] == k) for k in ("clip", "softclip"))
-            print(f"{m}: softclip / clip step time = {soft['ms'] / clip['ms']:.3f}")
+            print(f"{r['model']:<10} {r['loss']:<12} {r['ms']:9.1f} {r['samples_s']:10.1f} {ratio}{extra}")
+        print("(source: clip = --loss clip; the others are --loss softclip with that target source; "
+              "TFLOP/s counts the student's training FLOPs only)" if cuda else
+              "(source: clip = --loss clip; the others are --loss softclip with that target source)")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0

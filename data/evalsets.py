@@ -1,6 +1,6 @@
 """Labelled evaluation sets of the embedded data, for zero-shot classification and retrieval.
 
-    zero-shot   fmnist-val, fmnist-test            10 clothing classes, prompts FMNIST_EVAL_TEMPLATES
+    zero-shot   fmnist-val, fmnist-test            10 clothing classes, prompts FMNIST_EVAL_TEMPLATES x FMNIST_PROMPT_NAMES
                 emoji-category-val, -test          9 emoji categories of held-out emoji
     retrieval   emoji-val, emoji-test              held-out emoji images <-> their names (1:1)
 
@@ -23,14 +23,14 @@ from typing import Sequence
 import torch
 
 from data.embedded.build import DEFAULT_OUT, shard_pattern
-from data.embedded.captions import (EMOJI_CATEGORY_CLASSNAMES, EMOJI_EVAL_TEMPLATES, FMNIST_CLASSNAMES,
-                                    FMNIST_EVAL_TEMPLATES)
+from data.embedded.captions import (EMOJI_CATEGORY_CLASSNAMES, EMOJI_EVAL_TEMPLATES, FMNIST_EVAL_TEMPLATES,
+                                    FMNIST_PROMPT_NAMES)
 from data.loaders import make_eval_loader
 
 # name -> (shard set, class names, prompt templates)
 ZEROSHOT_SETS = {
-    "fmnist-val": ("fmnist-val", FMNIST_CLASSNAMES, FMNIST_EVAL_TEMPLATES),
-    "fmnist-test": ("fmnist-test", FMNIST_CLASSNAMES, FMNIST_EVAL_TEMPLATES),
+    "fmnist-val": ("fmnist-val", FMNIST_PROMPT_NAMES, FMNIST_EVAL_TEMPLATES),
+    "fmnist-test": ("fmnist-test", FMNIST_PROMPT_NAMES, FMNIST_EVAL_TEMPLATES),
     "emoji-category-val": ("emoji-val", EMOJI_CATEGORY_CLASSNAMES, EMOJI_EVAL_TEMPLATES),
     "emoji-category-test": ("emoji-test", EMOJI_CATEGORY_CLASSNAMES, EMOJI_EVAL_TEMPLATES),
 }

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from pretrain import schedule
 from pretrain.dist import DistEnv
-from pretrain.validate import check_data_and_model, check_ds_config, reconcile_batch, resolve_train_data
+from pretrain.validate import (check_data_and_model, check_ds_config, check_target_sources, reconcile_batch,
+                               resolve_train_data)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,6 +44,9 @@ class TrainConfig:
     soft_standardize: bool         # per-row standardisation of F before the temperature
     soft_topk: int | None          # restrict S to each row's k nearest columns (None: all N)
     soft_warmup_steps: int         # alpha and beta ramp linearly from 0 over these steps
+    soft_image_source: str         # where image token features for the targets come from:
+    soft_text_source: str          #   "online" (the model's own), "precomputed" (shards), "ema" (teacher)
+    ema_decay: float               # EMA teacher: ema = d * ema + (1 - d) * student after each step
     grad_checkpointing: bool
     zero_init: bool                # build the model inside deepspeed.zero.Init (partitioned at birth)
     # data
@@ -88,6 +92,24 @@ class TrainConfig:
     def zero_stage(self) -> int:
         return int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
 
+    @property
+    def target_sources(self) -> dict[str, str]:
+        """{modality: source} for the modalities the soft targets use (none for --loss clip)."""
+        if self.loss != "softclip":
+            return {}
+        used = ("image", "text") if self.soft_source == "both" else (self.soft_source,)
+        return {m: (self.soft_image_source if m == "image" else self.soft_text_source) for m in used}
+
+    @property
+    def fine_members(self) -> tuple[str, ...]:
+        """Precomputed shard members the loader must batch ("fine_img", "fine_txt")."""
+        return tuple(FINE_MEMBER[m] for m, s in self.target_sources.items() if s == "precomputed")
+
+    @property
+    def ema_modalities(self) -> tuple[str, ...]:
+        """Towers the EMA teacher runs ("image", "text"); empty: no teacher is built."""
+        return tuple(m for m, s in self.target_sources.items() if s == "ema")
+
     def deepspeed_dict(self) -> dict:
         return copy.deepcopy(self.ds_config)  # DeepSpeed mutates the dict it is given
 
@@ -100,7 +122,8 @@ class TrainConfig:
 
 DEFAULTS = dict(
     model="tiny", loss="softclip", alpha=0.2, beta=1.0, soft_temperature=0.1, soft_source="both",
-    soft_standardize=False, soft_topk=None, soft_warmup="0",
+    soft_standardize=False, soft_topk=None, soft_warmup="0", soft_image_source="online",
+    soft_text_source="online", ema_decay=0.999,
     grad_checkpointing=False, zero_init=False, train_data=None, train_num_samples=None,
     tokenizer="data/embedded/tokenizer", workers=2, seed=0, zeroshot_data="embedded",
     retrieval_data="embedded", eval_batch_size=256, steps=1000, warmup="5%", save_every="10%",
@@ -109,7 +132,9 @@ DEFAULTS = dict(
     report_to="jsonl", wandb_project="softclip", max_nonfinite=5, debug_nan="",
     deepspeed_config=None)
 SOFT_OPTIONS = ("alpha", "beta", "soft_temperature", "soft_source", "soft_standardize", "soft_topk",
-                "soft_warmup")
+                "soft_warmup", "soft_image_source", "soft_text_source", "ema_decay")
+TARGET_SOURCES = ("online", "precomputed", "ema")
+FINE_MEMBER = {"image": "fine_img", "text": "fine_txt"}  # shard member of each modality (data/fine.py)
 DEFAULT_LR = 5e-4
 
 
@@ -125,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--soft-standardize", action="store_true", help="standardise each row of F before the temperature")
     a("--soft-topk", type=int, help="soft targets only over each row's k most similar columns")
     a("--soft-warmup", help="ramp alpha and beta from 0 over this long (steps, %%, ex, ep)")
+    for m, members in (("image", "fine_img"), ("text", "fine_txt")):
+        a(f"--soft-{m}-source", choices=list(TARGET_SOURCES),
+          help=f"{m} token features behind the soft targets: online (the model's own, default), precomputed "
+               f"(the shards' {members}.npy members, see data/fine.py) or ema (an EMA teacher's)")
+    a("--ema-decay", type=float, help="decay of the EMA teacher (default 0.999), in [0, 1)")
     a("--grad-checkpointing", action="store_true")
     a("--zero-init", action="store_true", help="build the model partitioned (ZeRO-3, very large models)")
     a("--train-data", help="webdataset shards: a brace pattern, a directory of .tar files or a list with '::'")
@@ -213,6 +243,7 @@ def build_config(argv: list[str] | None, env: DistEnv, cuda: bool, check_files: 
     need(raw["soft_topk"] is None or int(raw["soft_topk"]) >= 2, f"--soft-topk {raw['soft_topk']} must be >= 2.")
     need(raw["soft_source"] in ("image", "text", "both"),
          f"--soft-source {raw['soft_source']!r} must be image, text or both.")
+    check_target_sources(raw, explicit, problems)
     need(raw["train_data"] is not None, "--train-data is required (e.g. data/embedded/shards/train-{000000..000003}.tar).")
     need(raw["output_dir"] is not None, "--output-dir is required (the run directory).")
     for k in ("workers", "log_every", "keep_checkpoints", "max_nonfinite", "eval_batch_size"):
@@ -279,6 +310,8 @@ def build_config(argv: list[str] | None, env: DistEnv, cuda: bool, check_files: 
         soft_temperature=float(raw["soft_temperature"]), soft_source=raw["soft_source"],
         soft_standardize=bool(raw["soft_standardize"]),
         soft_topk=None if raw["soft_topk"] is None else int(raw["soft_topk"]), soft_warmup_steps=soft_warmup,
+        soft_image_source=str(raw["soft_image_source"]), soft_text_source=str(raw["soft_text_source"]),
+        ema_decay=float(raw["ema_decay"]),
         grad_checkpointing=bool(raw["grad_checkpointing"]), zero_init=bool(raw["zero_init"]),
         train_data=str(raw["train_data"]), train_num_samples=n_ep, tokenizer=str(raw["tokenizer"]),
         workers=int(raw["workers"]), seed=int(raw["seed"]), zeroshot_data=str(raw["zeroshot_data"]),

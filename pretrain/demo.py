@@ -132,10 +132,10 @@ def main(argv=None) -> int:
 
     print("[4/5] transformers zero-shot-image-classification pipeline", flush=True)
     from transformers import pipeline
-    from data.embedded.captions import FMNIST_CLASSNAMES, FMNIST_EVAL_TEMPLATES
+    from data.embedded.captions import FMNIST_CLASSNAMES, FMNIST_EVAL_TEMPLATES, FMNIST_PROMPT_NAMES
     image, label = first_test_image(shard_pattern("fmnist-test", DEFAULT_OUT))
     clf = pipeline("zero-shot-image-classification", model=str(run / "export" / "hf"), device="cpu")
-    preds = clf(image, candidate_labels=list(FMNIST_CLASSNAMES), hypothesis_template=FMNIST_EVAL_TEMPLATES[0])
+    preds = clf(image, candidate_labels=list(FMNIST_PROMPT_NAMES), hypothesis_template=FMNIST_EVAL_TEMPLATES[0])
 
     print("[5/5] results", flush=True)
     png = plot(run)

@@ -3,7 +3,8 @@
 Model and loss form one module (`TrainTask`) so that the learnable logit scale, which the loss
 consumes, lives inside the module DeepSpeed partitions and optimizes, and so that every collective
 of a step (ZeRO-3 parameter gathers, the loss's feature gathers) happens inside one forward
-(open_clip's task-module shape).
+(open_clip's task-module shape). The frozen EMA teacher of an `ema` target source is a submodule of
+the same module for the same reason (pretrain/teacher.py).
 """
 from __future__ import annotations
 
@@ -17,23 +18,68 @@ from torch import nn
 
 from losses import ClipLoss, SoftCLIPLoss
 from pretrain import schedule
-from pretrain.config import TrainConfig
+from pretrain.config import FINE_MEMBER, TrainConfig
+from pretrain.teacher import EMA, teacher_tokens
+
+
+FINE_KEYS = ("fine_img", "fine_img_mask", "fine_txt", "fine_txt_mask")
 
 
 class TrainTask(nn.Module):
-    def __init__(self, model: nn.Module, loss: nn.Module):
+    """Model + loss (+ the frozen EMA teacher) in one module.
+
+    Args:
+        model: the CLIP model being trained (the student).
+        loss: ClipLoss or SoftCLIPLoss.
+        sources: {modality: "online" | "precomputed" | "ema"} for the modalities the soft targets use
+            (TrainConfig.target_sources); missing modalities default to online.
+        teacher: the frozen EMA copy of `model` (pretrain/teacher.py), needed by an ema source.
+    """
+
+    def __init__(self, model: nn.Module, loss: nn.Module, sources: dict | None = None,
+                 teacher: nn.Module | None = None):
         super().__init__()
         self.model, self.loss = model, loss
+        self.sources = {"image": "online", "text": "online", **(sources or {})}
+        if "ema" in self.sources.values() and teacher is None:
+            raise ValueError(f"target sources {self.sources} need an EMA teacher; pass teacher=.")
+        self.teacher = teacher  # a submodule: ZeRO-3 partitions and gathers it with the student
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, step: int | None = None) -> dict:
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # forward only: no patch dropout, no drop path
+        return self
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, step: int | None = None,
+                fine: dict | None = None) -> dict:
+        """fine: the batch's precomputed target features, {"fine_txt": [B, n, d], "fine_txt_mask": [B, n],
+        and/or the same for fine_img}; required for the modalities whose source is precomputed."""
         out = self.model(images, input_ids)
         if isinstance(self.loss, SoftCLIPLoss):
-            terms = self.loss(out.image_emb, out.text_emb, out.logit_scale, out.image_tokens,
-                              out.text_tokens, out.text_mask, out.image_mask, step=step)
+            (image_tokens, image_mask), (text_tokens, text_mask) = (
+                self.target_tokens(m, out, images, input_ids, fine or {}) for m in ("image", "text"))
+            terms = self.loss(out.image_emb, out.text_emb, out.logit_scale, image_tokens,
+                              text_tokens, text_mask, image_mask, step=step)
         else:
             terms = self.loss(out.image_emb, out.text_emb, out.logit_scale)
         terms["logit_scale"] = out.logit_scale.detach().reshape(())
         return terms
+
+    def target_tokens(self, modality: str, out, images, input_ids, fine: dict):
+        """(tokens, mask) behind the soft targets of one modality, from its configured source."""
+        source = self.sources[modality]
+        if self.loss.soft_source not in (modality, "both"):
+            return None, None                                        # the loss does not use it
+        if source == "online":
+            return (out.image_tokens, out.image_mask) if modality == "image" else (out.text_tokens, out.text_mask)
+        if source == "ema":
+            return teacher_tokens(self.teacher, modality, images, input_ids)
+        key = FINE_MEMBER[modality]
+        if key not in fine:
+            raise ValueError(f"the {modality} source is precomputed but the batch has no {key!r}; build the "
+                             f"loader with fine_members=({key!r},) and pass fine=batch features to forward.")
+        return fine[key], fine[key + "_mask"]
 
 
 def build_loss(cfg: TrainConfig, rank: int, world_size: int) -> nn.Module:
@@ -45,12 +91,21 @@ def build_loss(cfg: TrainConfig, rank: int, world_size: int) -> nn.Module:
                         rank=rank, world_size=world_size)
 
 
-def build_engine(cfg: TrainConfig, model: nn.Module, loss: nn.Module):
+def build_engine(cfg: TrainConfig, model: nn.Module, loss: nn.Module, teacher: nn.Module | None = None,
+                 rank: int = 0):
+    """The DeepSpeed engine around TrainTask, and the EMA of the teacher (None without an ema source).
+
+    `teacher` (pretrain.teacher.build_teacher(model)) is required when cfg.ema_modalities is set.
+    """
     import deepspeed
-    task = TrainTask(model, loss)
+    task = TrainTask(model, loss, cfg.target_sources, teacher)
+    # param_groups takes requires_grad parameters only: the frozen teacher is in no optimizer group
     engine, _, _, _ = deepspeed.initialize(model=task, config=cfg.deepspeed_dict(),
                                            model_parameters=schedule.param_groups(task, cfg.weight_decay))
-    return engine
+    ema = None
+    if cfg.ema_modalities:
+        ema = EMA(engine.module.model, engine.module.teacher, cfg.ema_decay, cfg.ema_modalities, rank)
+    return engine, ema
 
 
 @dataclass
@@ -91,8 +146,10 @@ def _inject_nan(spec: tuple, step: int, tries: int) -> bool:
     return f"{step}+" in spec or (str(step) in spec and tries == 0)
 
 
-def train(engine, data, cfg: TrainConfig, state: TrainState, log, stop, on_step_end) -> str:
+def train(engine, data, cfg: TrainConfig, state: TrainState, log, stop, on_step_end, ema: EMA | None = None) -> str:
     """Run optimizer steps from state.step to cfg.steps. Returns "done" or "stopped" (signal).
+
+    `ema` (from build_engine) is updated after every optimizer step, before on_step_end saves it.
 
     `data` yields batch dicts and tracks its own position; `log(step, record)` records metrics;
     `on_step_end(step)` checkpoints / evaluates on the configured intervals (collective).
@@ -114,8 +171,9 @@ def train(engine, data, cfg: TrainConfig, state: TrainState, log, stop, on_step_
             # compute losses
             batch = next(data)
             state.samples_seen += cfg.micro_batch * world
+            fine = {k: batch[k].to(device, non_blocking=True) for k in FINE_KEYS if k in batch}
             terms = engine(batch["images"].to(device, non_blocking=True),
-                           batch["input_ids"].to(device, non_blocking=True), step=state.step)
+                           batch["input_ids"].to(device, non_blocking=True), step=state.step, fine=fine or None)
             loss = terms["loss"]
             if _inject_nan(cfg.debug_nan, state.step + 1, bad_run):
                 loss = loss * float("nan")
@@ -140,6 +198,8 @@ def train(engine, data, cfg: TrainConfig, state: TrainState, log, stop, on_step_
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach().float().mean()) / cfg.grad_accum
         state.step += 1
+        if ema is not None:  # after the optimizer step (the last micro-batch's engine.step())
+            ema.update()
 
         # logging
         if state.step % cfg.log_every == 0 or state.step == cfg.steps:

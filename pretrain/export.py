@@ -22,7 +22,10 @@ import torch.nn.functional as F
 from pretrain import checkpoint
 
 FORMATS = ("native", "hf", "timm")
-PREFIX = "model."  # TrainTask(model, loss): the loss holds no parameters
+# TrainTask(model, loss, teacher): the loss holds no parameters; the frozen EMA teacher of an ema target
+# source is in the checkpoint too (zero_to_fp32 returns its bf16 weights as "teacher.*") and is never
+# exported: only the student's "model.*" keys are kept.
+PREFIX = "model."
 
 
 def fp32_state_dict(ckpt_dir: Path, tag: str) -> dict:

@@ -77,12 +77,21 @@ def run(cfg: TrainConfig, env: pdist.DistEnv, log, stop: StopFlag) -> int:
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     log.info(f"model {cfg.model}: {n_params / 1e6:.2f} M parameters; loss {cfg.loss}; "
              f"ZeRO stage {cfg.zero_stage}; world size {env.world_size}")
-    engine = eng.build_engine(cfg, model, eng.build_loss(cfg, env.rank, env.world_size))
+    teacher = None
+    if cfg.ema_modalities:
+        from pretrain.teacher import build_teacher
+        teacher = build_teacher(model, build=lambda: build_model(cfg, tokenizer))
+        log.info(f"EMA teacher (decay {cfg.ema_decay}) for the {' and '.join(cfg.ema_modalities)} targets")
+    if cfg.target_sources:
+        log.info("soft-target features: " + ", ".join(f"{m} {s}" for m, s in cfg.target_sources.items()))
+    engine, ema = eng.build_engine(cfg, model, eng.build_loss(cfg, env.rank, env.world_size), teacher, env.rank)
 
     state = eng.TrainState(data_seed=cfg.seed)
     tag_dir = checkpoint.resolve_resume(cfg.resume, cfg.checkpoint_dir, env.world_size, log=log.info)
     if tag_dir is not None:
         state = eng.TrainState.from_client_state(checkpoint.load(engine, tag_dir))
+        if ema is not None:
+            ema.load(tag_dir)
         log.info(f"resumed from {tag_dir} at step {state.step} ({state.samples_seen} samples seen)")
         log.write({"kind": "event", "event": "resume", "step": state.step, "tag": str(tag_dir)})
     log.advance(state.step)
@@ -94,6 +103,8 @@ def run(cfg: TrainConfig, env: pdist.DistEnv, log, stop: StopFlag) -> int:
     def save() -> None:
         if state.step in saved_at:
             return
+        if ema is not None:  # per-rank file in the tag, on disk before the manifest lists the tag's files
+            ema.save(cfg.checkpoint_dir / checkpoint.tag_for(state.step))
         checkpoint.save(engine, cfg.checkpoint_dir, state.step, state.client_state(), is_main=env.is_main,
                         world_size=env.world_size, keep=cfg.keep_checkpoints, barrier=barrier)
         saved_at.add(state.step)
@@ -106,7 +117,7 @@ def run(cfg: TrainConfig, env: pdist.DistEnv, log, stop: StopFlag) -> int:
             save()
 
     try:
-        outcome = eng.train(engine, feed, cfg, state, log.log, stop, on_step_end)
+        outcome = eng.train(engine, feed, cfg, state, log.log, stop, on_step_end, ema)
     except eng.NonFiniteLoss as e:
         log.info(f"error: {e}")
         log.write({"kind": "event", "event": "abort_nonfinite", "step": state.step, "message": str(e)})

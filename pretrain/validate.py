@@ -112,6 +112,60 @@ def reconcile_batch(ds: dict, raw: dict, world: int, problems: list[str]):
     return g, m, a
 
 
+def check_target_sources(raw: dict, explicit: dict, problems: list[str]) -> None:
+    """--soft-image-source / --soft-text-source / --ema-decay (see pretrain/teacher.py).
+
+    A non-online source for a modality that --soft-source does not use is an error, not a silent
+    no-op: the user asked for targets the loss would never build (and, for ema, would pay a teacher
+    forward for nothing). --loss clip with any of them is reported with the other soft options.
+    """
+    from pretrain.config import TARGET_SOURCES
+    used = {"both": ("image", "text")}.get(raw["soft_source"], (raw["soft_source"],))
+    for m in ("image", "text"):
+        v = raw[f"soft_{m}_source"]
+        if v not in TARGET_SOURCES:
+            problems.append(f"--soft-{m}-source {v!r} must be one of {', '.join(TARGET_SOURCES)}.")
+        elif v != "online" and m not in used and raw["loss"] == "softclip":
+            problems.append(f"--soft-{m}-source {v} has no effect with --soft-source {raw['soft_source']} "
+                            f"(the targets use no {m} features); drop it or use --soft-source both.")
+    try:
+        decay = float(raw["ema_decay"])
+    except (TypeError, ValueError):
+        decay = float("nan")
+    if not 0.0 <= decay < 1.0:
+        problems.append(f"--ema-decay {raw['ema_decay']} must lie in [0, 1) (e.g. 0.999: the teacher "
+                        f"averages over ~1000 steps).")
+    elif "ema_decay" in explicit and raw["loss"] == "softclip" and not any(
+            raw[f"soft_{m}_source"] == "ema" for m in used):
+        problems.append(f"--ema-decay {raw['ema_decay']} only applies to an EMA teacher; drop it or set "
+                        f"--soft-image-source ema / --soft-text-source ema.")
+
+
+def check_fine_members(raw: dict, problems: list[str]) -> None:
+    """A precomputed source needs its member described in fine.json beside the training shards."""
+    from data.fine import read_fine_meta
+    from pretrain.config import FINE_MEMBER
+    used = {"both": ("image", "text")}.get(raw["soft_source"], (raw["soft_source"],))
+    wanted = [m for m in used if raw[f"soft_{m}_source"] == "precomputed"]
+    if not wanted or raw["loss"] != "softclip":
+        return
+    urls = [u for u in expand_shards(raw["train_data"]) if not _is_remote(u)]
+    try:
+        meta = read_fine_meta(urls)
+    except (ValueError, OSError, KeyError) as e:
+        problems.append(f"--train-data: cannot read fine.json beside the shards ({e}).")
+        return
+    for m in wanted:
+        member = FINE_MEMBER[m]
+        if member not in meta:
+            found = (f"the fine.json beside them lists only {', '.join(sorted(meta))}" if meta else
+                     f"there is no fine.json beside {raw['train_data']}")
+            problems.append(f"--soft-{m}-source precomputed needs {member}.npy members in the training shards, "
+                            f"but {found}; write them with "
+                            f"`python -m data.precompute_fine --data ... --out NEW` and train on NEW, or use "
+                            f"--soft-{m}-source online|ema.")
+
+
 def expand_shards(spec: str) -> list[str]:
     """'a/{000..009}.tar', 'dir/' (all .tar inside) or several joined with '::' -> list of URLs."""
     from braceexpand import braceexpand
@@ -148,6 +202,8 @@ def check_data_and_model(raw: dict, resume: str | None, env, problems: list[str]
     elif missing:
         hint = " (build the embedded shards with `python -m data.embedded`)" if "embedded" in raw["train_data"] else ""
         problems.append(f"--train-data: {len(missing)} of {len(urls)} shards not found, e.g. {missing[0]}{hint}.")
+    if urls and not missing:
+        check_fine_members(raw, problems)
     tok_dir = Path(raw["tokenizer"])
     if not tok_dir.exists():
         problems.append(f"--tokenizer {tok_dir} does not exist (build the embedded one with "

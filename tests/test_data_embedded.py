@@ -1,6 +1,7 @@
 """The embedded dataset: committed arrays, shards built and read back, caption noise, eval sets."""
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -100,12 +101,27 @@ def test_eval_prompts_never_seen_in_training():
     assert not set(C.EMOJI_EVAL_TEMPLATES) & set(C.EMOJI_TRAIN_TEMPLATES)
 
 
+def _words(texts) -> set[str]:
+    return {w for t in texts for w in re.findall(r"[a-z][a-z-]*", t.lower())}
+
+
+def test_eval_prompts_use_only_words_seen_in_training():
+    # Unseen sentences of seen words: a word no caption contains would measure the tokenizer's
+    # fallback pieces, not what the model learned.
+    fmnist_train = _words(C.all_fmnist_train_captions())
+    assert _words(C.fmnist_eval_prompts()) <= fmnist_train
+    emoji_train = _words(t.format(name="", short="", category="", subcategory="") for t in C.EMOJI_TRAIN_TEMPLATES)
+    emoji_prompts = {t.format(c) for t in C.EMOJI_EVAL_TEMPLATES for c in C.EMOJI_CATEGORY_CLASSNAMES}
+    assert _words(emoji_prompts) <= emoji_train | _words(C.EMOJI_CATEGORY_CLASSNAMES)
+    assert "the" not in _words(C.fmnist_eval_prompts())  # the word the old prompts leaned on
+
+
 def test_eval_sets(built, arrays):
     root, _ = built
     assert eval_suite("val") == dict(zeroshot=["fmnist-val", "emoji-category-val"], retrieval=["emoji-val"])
     zs = load_zeroshot_set("fmnist-test", image_size=32, mean=MEAN, std=STD, root=root / "shards")
     assert zs.images.shape == (2000, 3, 32, 32) and zs.labels.bincount().tolist() == [200] * 10
-    assert len(zs.prompts()) == 10 and zs.prompts()[9][0] == "a good picture of the ankle boot."
+    assert len(zs.prompts()) == 10 and zs.prompts()[9][0] == "a close-up photo of an ankle boot"
     # Fashion-MNIST is white on black: the centre of an image is brighter than its corner.
     assert (zs.images[:, :, 16, 16] > zs.images[:, :, 0, 0]).float().mean() > 0.9
     cat = load_zeroshot_set("emoji-category-val", image_size=32, mean=MEAN, std=STD, root=root / "shards")

@@ -42,11 +42,18 @@ FMNIST_TRAIN_TEMPLATES = (
     "{} in grayscale", "{}, cheap", "shop listing with {}", "{}, front view",
 )
 
-# Zero-shot prompts: never used for training captions (also no overlap after formatting).
+# Zero-shot prompts. Two rules, both tested: no prompt equals a training caption (the templates
+# are unseen sentences), and every word of a prompt occurs in the training captions (unseen
+# combinations of seen words, as zero-shot prompts are for a web-trained CLIP). Class names are
+# written as captions write them, with their article ("a t-shirt", "trousers"). An earlier set
+# put "the" and a final "." in every prompt, neither of which any training caption contains: a
+# causal text tower pools at EOS right after the never-trained ".", and that set measured the
+# distribution shift more than what the model learned (tiny-test after 200 steps: 24% with it,
+# 56% with training-style prompts on the same model).
+FMNIST_PROMPT_NAMES = tuple(synonyms[0] for synonyms in FMNIST_SYNONYMS)
 FMNIST_EVAL_TEMPLATES = (
-    "a good picture of the {}.", "a cropped image of the {}.", "there is the {} in this picture.",
-    "an item of clothing: the {}.", "the {}, seen from the front.", "a pixelated rendering of the {}.",
-    "itap of the {}.", "a centred snapshot of the {}.",
+    "a close-up photo of {}", "an image of {}", "a grayscale picture of {}", "a small black and white photo of {}",
+    "{}, photographed in a shop", "a product photo of {}", "{} on a background", "a low resolution image of {}",
 )
 
 EMOJI_CATEGORIES = ("Smileys & Emotion", "People & Body", "Animals & Nature", "Food & Drink",
@@ -56,7 +63,7 @@ EMOJI_CATEGORY_CLASSNAMES = ("smileys and emotion", "people and body", "animals 
 
 EMOJI_TRAIN_TEMPLATES = ("{name}", "{short}", "an emoji of {name}", "{name} emoji", "{short} icon",
                          "{name}, a {subcategory} emoji", "emoji from {category}: {name}", "a cartoon {name}")
-EMOJI_EVAL_TEMPLATES = ("a pictogram in the group {}.", "an icon about {}.", "a little drawing from the {} set.")
+EMOJI_EVAL_TEMPLATES = ("a cartoon emoji from {}", "an icon from {}", "{} emoji icon")
 
 
 def emoji_caption_parts(entry: dict) -> dict[str, str]:
@@ -87,4 +94,4 @@ def all_fmnist_train_captions() -> set[str]:
 
 
 def fmnist_eval_prompts() -> set[str]:
-    return {t.format(c) for t in FMNIST_EVAL_TEMPLATES for c in FMNIST_CLASSNAMES}
+    return {t.format(c) for t in FMNIST_EVAL_TEMPLATES for c in FMNIST_PROMPT_NAMES}
