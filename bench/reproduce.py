@@ -156,18 +156,15 @@ def finished(run: Path) -> dict | None:
 
 
 def train(run: Path, setting: Setting, shards: Path, seed: int, plan: Plan, args) -> dict:
-    if (done := finished(run)) is not None:
+    cmd = command(run, setting, shards, seed, plan, args)
+    stamp = run.parent / (run.name + ".cmd")   # the exact command a finished run was made with
+    if (done := finished(run)) is not None and (not stamp.is_file() or stamp.read_text() == " ".join(cmd)):
         return done
     if run.exists():
-        shutil.rmtree(run)  # an interrupted run starts over: runs are short, a resume would add a checkpoint cost
-    cmd = [sys.executable, "pretrain/main.py", "--deepspeed_config", args.deepspeed_config,
-           "--model", args.model, *setting.argv(), "--train-data", train_pattern(shards),
-           "--tokenizer", str(DEFAULT_TOKENIZER), "--output-dir", str(run), "--seed", str(seed),
-           "--batch-size", str(plan.batch), "--steps", str(plan.steps), "--warmup", "5%", "--lr", str(args.lr),
-           "--weight-decay", "0.1", "--eval-every", "25%", "--save-every", "0", "--log-every", "25",
-           "--workers", "1", "--eval-batch-size", "500"]
+        shutil.rmtree(run)  # interrupted or made with other flags: start over (runs are short)
     log = run.parent / (run.name + ".out")
     run.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(" ".join(cmd))
     with open(log, "w") as out:
         rc = subprocess.call(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                              env={**os.environ, "TQDM_DISABLE": "1"})
@@ -176,6 +173,15 @@ def train(run: Path, setting: Setting, shards: Path, seed: int, plan: Plan, args
                          f"Fix the cause and rerun: finished runs are kept.")
     shutil.rmtree(run / "checkpoints", ignore_errors=True)  # only the metrics matter here
     return finished(run)
+
+
+def command(run: Path, setting: Setting, shards: Path, seed: int, plan: Plan, args) -> list[str]:
+    return [sys.executable, "pretrain/main.py", "--deepspeed_config", args.deepspeed_config,
+            "--model", args.model, *setting.argv(), "--train-data", train_pattern(shards),
+            "--tokenizer", str(DEFAULT_TOKENIZER), "--output-dir", str(run), "--seed", str(seed),
+            "--batch-size", str(plan.batch), "--steps", str(plan.steps), "--warmup", "5%", "--lr", str(args.lr),
+            "--weight-decay", "0.1", "--eval-every", "25%", "--save-every", "0", "--log-every", "25",
+            "--workers", "1", "--eval-batch-size", "500"]
 
 
 # ----------------------------------------------------------------------------------- metrics
@@ -195,6 +201,15 @@ def mean_std(xs: list[float]) -> str:
 def selection_score(m: dict) -> float:
     """One number to pick the default on: validation zero-shot top-1 plus mean retrieval R@5."""
     return m["top1"] + m["R@5"]
+
+
+def select(settings: list, ablation: dict):
+    """The SoftCLIP setting with the best mean validation score over its seeds, among those that
+    need no extra data (a default must work on plain image-text shards); None if none ran."""
+    candidates = [s for s in settings if not s.needs_fine_text and ablation.get(s.name)]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda s: statistics.mean(selection_score(metrics(r, "val")) for r in ablation[s.name]))
 
 
 def main(argv=None) -> int:
@@ -244,9 +259,7 @@ def main(argv=None) -> int:
         if r is not None:
             ablation.setdefault(setting.name, []).append(r)
     clip_val = [metrics(r, "val") for r in ablation.get(CLIP.name, [])]
-    candidates = [s for s in plan.ablation if not s.needs_fine_text and s.name in ablation]
-    selected = max(candidates, key=lambda s: statistics.mean(selection_score(metrics(r, "val"))
-                                                           for r in ablation[s.name])) if candidates else None
+    selected = select(plan.ablation, ablation)
 
     # 2. CLIP vs the selected SoftCLIP setting over noise and seeds, on the test splits
     main_runs = {}
