@@ -27,6 +27,7 @@ import json
 import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import braceexpand
@@ -47,6 +48,13 @@ def split_sources(data: str | Sequence[str]) -> list[str]:
 
 
 def expand_one(pattern: str) -> list[str]:
+    """One source: a brace pattern, or a local directory (every .tar inside, sorted by name)."""
+    if os.path.isdir(pattern):
+        shards = sorted(str(p) for p in Path(pattern).glob("*.tar"))
+        if not shards:
+            raise ValueError(f"{pattern} is a directory without .tar shards; pass the shard folder or a brace "
+                             "pattern such as 'shards/{000000..000099}.tar'.")
+        return shards
     return list(braceexpand.braceexpand(pattern))
 
 

@@ -167,15 +167,13 @@ def check_fine_members(raw: dict, problems: list[str]) -> None:
 
 
 def expand_shards(spec: str) -> list[str]:
-    """'a/{000..009}.tar', 'dir/' (all .tar inside) or several joined with '::' -> list of URLs."""
-    from braceexpand import braceexpand
-    urls: list[str] = []
-    for part in str(spec).split("::"):
-        if os.path.isdir(part):
-            urls += sorted(str(p) for p in Path(part).glob("*.tar"))
-        else:
-            urls += list(braceexpand(part))
-    return urls
+    """'a/{000..009}.tar', 'dir/' (all .tar inside) or several joined with '::' -> list of URLs,
+    exactly as the loader expands them (data.shards); [] when a folder holds no shards."""
+    from data.shards import expand_patterns
+    try:
+        return expand_patterns(spec)
+    except ValueError:
+        return []
 
 
 def _is_remote(url: str) -> bool:

@@ -175,6 +175,11 @@ def test_sample_count_sources(tmp_path, tok):
     write_img2dataset_shards(tmp_path, 2, 5, sizes="sizes.json")
     pattern = str(tmp_path / "{00000..00001}.tar")
     assert ShardSet.from_data(pattern).num_samples == 10
+    folder = ShardSet.from_data(str(tmp_path))  # a shard folder is one source: the same shards and counts
+    assert folder.shards == ShardSet.from_data(pattern).shards and folder.num_samples == 10
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="without .tar shards"):
+        ShardSet.from_data(str(tmp_path / "empty"))
     (tmp_path / "sizes.json").unlink()
     with pytest.raises(ValueError, match="Pass num_samples"):
         make_train_loader(pattern, tok, batch_size=2, image_size=24, mean=MEAN, std=STD)
