@@ -121,7 +121,8 @@ class TrainConfig:
 
 
 DEFAULTS = dict(
-    model="tiny", loss="softclip", alpha=0.2, beta=1.0, soft_temperature=0.1, soft_source="both",
+    # beta 0, not the paper's 1: chosen by bench/reproduce.py's ablation (README, "Reproduction")
+    model="tiny", loss="softclip", alpha=0.2, beta=0.0, soft_temperature=0.1, soft_source="both",
     soft_standardize=False, soft_topk=None, soft_warmup="0", soft_image_source="online",
     soft_text_source="online", ema_decay=0.999,
     grad_checkpointing=False, zero_init=False, train_data=None, train_num_samples=None,

@@ -35,22 +35,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# SoftCLIP with targets from the model's own (online) token features: the negatives term (beta)
-# hurts while those features are immature (issue 7's pilot: beta=0 recovers most of the gap to
-# CLIP), so the demo keeps the soft targets (alpha) and ramps them in over the first half.
-SOFT = ["--alpha", "0.2", "--beta", "0", "--soft-warmup", "50%"]
-
-
 def train_command(run: Path, args, n_gpus: int) -> list[str]:
     # On CPU: fp32 ZeRO-2 (ds_configs/cpu_zero2.json). Measured on 2 cores: bf16 matmuls run 20-50x
     # slower than fp32 on CPUs without AVX512-BF16/AMX (1.6 vs 34 GFLOP/s), and for a model this
     # small ZeRO-3's per-module gather hooks cost ~40% of the step (tiny-test, 2 ranks: 100 vs 170
     # samples/s with ZeRO-2). The tests cover ZeRO-3 + bf16 (ds_configs/cpu.json); GPUs get ZeRO-3.
+    # SoftCLIP at the trainer's defaults (alpha 0.2, beta 0, tau_s 0.1, both modalities, online
+    # targets): the setting bench/reproduce.py selected (README, "Reproduction").
     ds = args.deepspeed_config or ("ds_configs/zero3_bf16.json" if n_gpus else "ds_configs/cpu_zero2.json")
     ranks = min(2, n_gpus) if n_gpus else 2
     return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
             str(free_port()), "pretrain/main.py", "--deepspeed_config", ds,
-            "--model", args.model, "--loss", "softclip", *SOFT, "--train-data", "embedded", "--tokenizer",
+            "--model", args.model, "--loss", "softclip", "--train-data", "embedded", "--tokenizer",
             "data/embedded/tokenizer", "--output-dir", str(run), "--batch-size", str(args.batch_size),
             "--steps", str(args.steps), "--warmup", "5%", "--lr", str(args.lr), "--weight-decay", "0.1",
             "--eval-every", "25%", "--save-every", "50%", "--log-every", "10", "--workers", "1",

@@ -332,7 +332,7 @@ def test_bf16_build_and_two_softclip_steps():
     torch.manual_seed(0)
     m = create_model("tiny-test", device=DEVICE, dtype=torch.bfloat16).train()
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
-    loss_fn = SoftCLIPLoss()
+    loss_fn = SoftCLIPLoss(beta=1.0)  # both terms of the paper
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     ids = make_ids([0, 3, 9, 20])
     for _ in range(2):
