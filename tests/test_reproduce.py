@@ -33,6 +33,7 @@ def test_metrics_average_both_retrieval_directions():
     m = R.metrics(fake_results(0.5, 0.6, r1=0.2, r5=0.4), "test")
     assert m == pytest.approx({"top1": 0.6, "R@1": 0.25, "R@5": 0.45})
     assert R.mean_std([0.5]) == "50.0" and R.mean_std([0.4, 0.6]) == "50.0 ± 14.1"
+    assert R.mean_std([0.01, 0.03], signed=True) == "+2.0 ± 1.4" and R.mean_std([-0.05], signed=True) == "-5.0"
 
 
 def test_selection_uses_validation_never_test_and_skips_extra_data_settings():
