@@ -309,6 +309,14 @@ def paired_table(title: str, runs: dict, noises) -> list[str]:
     return lines + [""]
 
 
+def shown_path(path: Path | None) -> str:
+    """A path as the report shows it: relative to the repository when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def run_minutes(runs_dir: Path) -> tuple[int, float]:
     """How many finished runs lie in runs_dir and their summed wall time (start: config.json written,
     end: results.json written), so the cost survives interrupted and resumed sweeps."""
@@ -327,8 +335,9 @@ def write_report(out: Path, plan: Plan, args, ablation: dict, clip_val: list, se
     lines = [f"# SoftCLIP vs CLIP on the embedded data (`bench/reproduce.py{' --quick' if args.quick else ''}`)", "",
              f"Model `{args.model}`, {plan.steps} steps x global batch {plan.batch}, lr {args.lr}, cosine with 5% "
              f"warm-up, `{args.deepspeed_config}`, one rank. Fashion-MNIST zero-shot top-1 uses prompts never seen "
-             "in training; emoji R@k is the mean of image->text and text->image. Wall time of this invocation "
-             f"{wall_s / 60:.1f} min; the {n_runs} runs in `{runs_dir}` took {run_min:.1f} min of training "
+             "in training; emoji R@k is the mean of image->text and text->image. "
+             + ("" if args.report else f"Wall time of this invocation {wall_s / 60:.1f} min. ")
+             + f"The {n_runs} runs in `{shown_path(runs_dir)}` took {run_min:.1f} min of training "
              "(start-up to final evaluation, summed; data builds and precompute not included).", ""]
 
     lines += [f"## Ablation (caption noise {ABLATION_NOISE:.0%}, validation splits, "

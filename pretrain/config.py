@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--train-num-samples", type=int, help="samples per epoch (needed for epoch units only)")
     a("--tokenizer", help="tokenizer directory (data.tokenizer)")
     a("--workers", type=int); a("--seed", type=int)
-    a("--zeroshot-data", help="'embedded' (Fashion-MNIST test), 'none', a class folder or labelled shards")
+    a("--zeroshot-data", help="'embedded' (Fashion-MNIST and emoji categories, val and test), 'none', a class folder or labelled shards")
     a("--retrieval-data", help="'embedded' (held-out emoji pairs), 'none' or image-text shards")
     a("--eval-batch-size", type=int)
     a("--steps", help="total optimizer steps (or examples '2e6ex', epochs '3ep')")
