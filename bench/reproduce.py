@@ -20,7 +20,7 @@ Nothing is tuned on a test split. Each run is a subprocess of `pretrain/main.py`
 run directory under --runs; a run whose results.json holds a final evaluation is never re-run,
 so an interrupted sweep continues where it stopped. Writes results/reproduce.md (tables),
 results/reproduce.png (accuracy vs noise with error bars; zero-shot accuracy over steps) and
-results/reproduce.json (every run's final metrics).
+results/reproduce.json (every run's final metrics); the report itself is bench/reproduce_report.py.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from data.embedded.build import DEFAULT_OUT, DEFAULT_TOKENIZER  # noqa: E402
+from reproduce_report import metrics, write_report  # noqa: E402  (bench/ is sys.path[0] or put there)
 
 # The paper's loss settings (the starting point of the ablation).
 PAPER = {"alpha": 0.2, "beta": 1.0, "soft_temperature": 0.1, "soft_source": "both"}
@@ -187,20 +188,7 @@ def command(run: Path, setting: Setting, shards: Path, seed: int, plan: Plan, ar
             "--workers", "1", "--eval-batch-size", "500"]
 
 
-# ----------------------------------------------------------------------------------- metrics
-def metrics(results: dict, split: str) -> dict:
-    f = results["final"]
-    r = {k: (f[f"emoji-{split}/image_to_text_R@{k}"] + f[f"emoji-{split}/text_to_image_R@{k}"]) / 2 for k in (1, 5)}
-    return {"top1": f[f"fmnist-{split}/top1"], "R@1": r[1], "R@5": r[5]}
-
-
-def mean_std(xs: list[float], signed: bool = False) -> str:
-    """Percentages: "mean ± std" over seeds (sample std), or the value for a single seed."""
-    xs = [100 * x for x in xs]
-    mean = f"{statistics.mean(xs):+.1f}" if signed else f"{statistics.mean(xs):.1f}"
-    return mean if len(xs) == 1 else f"{mean} ± {statistics.stdev(xs):.1f}"
-
-
+# ----------------------------------------------------------------------------------- selection
 def selection_score(m: dict) -> float:
     """One number to pick the default on: validation zero-shot top-1 plus mean retrieval R@5."""
     return m["top1"] + m["R@5"]
@@ -287,152 +275,10 @@ def main(argv=None) -> int:
                 if r is not None:
                     data_runs.setdefault((setting.loss, ABLATION_NOISE), {})[seed] = r
 
-    write_report(Path(args.out), plan, args, ablation, clip_val, selected, main_runs, time.time() - t0,
-                 with_data, data_runs, runs)
+    write_report(Path(args.out), plan, args, CLIP, ABLATION_NOISE, ablation, clip_val, selected, main_runs,
+                 time.time() - t0, with_data, data_runs, runs)
     print(f"sweep done in {(time.time() - t0) / 60:.1f} min; report in {args.out}/reproduce.md", flush=True)
     return 0
-
-
-# ----------------------------------------------------------------------------------- report
-def paired_table(title: str, runs: dict, noises) -> list[str]:
-    """Test-split metrics of CLIP and SoftCLIP per noise: mean ± std over seeds and the paired difference."""
-    lines = [title, "", "| noise | metric | CLIP | SoftCLIP | SoftCLIP − CLIP (paired) |", "|---|---|---|---|---|"]
-    for noise in noises:
-        c, s = runs.get(("clip", noise), {}), runs.get(("softclip", noise), {})
-        seeds = sorted(set(c) & set(s))
-        for key, label in (("top1", "FMNIST top-1"), ("R@1", "emoji R@1"), ("R@5", "emoji R@5")):
-            cm = [metrics(c[i], "test")[key] for i in seeds]
-            sm = [metrics(s[i], "test")[key] for i in seeds]
-            diff = [b - a for a, b in zip(cm, sm)]
-            lines.append(f"| {noise:.0%} | {label} | {mean_std(cm) if cm else '-'} | {mean_std(sm) if sm else '-'} | "
-                         f"{mean_std(diff, signed=True) if diff else '-'} |")
-    return lines + [""]
-
-
-def shown_path(path: Path | None) -> str:
-    """A path as the report shows it: relative to the repository when inside it."""
-    try:
-        return str(Path(path).resolve().relative_to(REPO))
-    except ValueError:
-        return str(path)
-
-
-def run_minutes(runs_dir: Path) -> tuple[int, float]:
-    """How many finished runs lie in runs_dir and their summed wall time (start: config.json written,
-    end: results.json written), so the cost survives interrupted and resumed sweeps."""
-    n, total = 0, 0.0
-    for results in runs_dir.glob("*/results.json"):
-        config = results.parent / "config.json"
-        if config.is_file():
-            n, total = n + 1, total + results.stat().st_mtime - config.stat().st_mtime
-    return n, total / 60
-
-
-def write_report(out: Path, plan: Plan, args, ablation: dict, clip_val: list, selected, main_runs: dict,
-                 wall_s: float, with_data=None, data_runs: dict | None = None, runs_dir: Path | None = None) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    n_runs, run_min = run_minutes(runs_dir) if runs_dir is not None else (0, 0.0)
-    lines = [f"# SoftCLIP vs CLIP on the embedded data (`bench/reproduce.py{' --quick' if args.quick else ''}`)", "",
-             f"Model `{args.model}`, {plan.steps} steps x global batch {plan.batch}, lr {args.lr}, cosine with 5% "
-             f"warm-up, `{args.deepspeed_config}`, one rank. Fashion-MNIST zero-shot top-1 uses prompts never seen "
-             "in training; emoji R@k is the mean of image->text and text->image. "
-             + ("" if args.report else f"Wall time of this invocation {wall_s / 60:.1f} min. ")
-             + f"The {n_runs} runs in `{shown_path(runs_dir)}` took {run_min:.1f} min of training "
-             "(start-up to final evaluation, summed; data builds and precompute not included).", ""]
-
-    lines += [f"## Ablation (caption noise {ABLATION_NOISE:.0%}, validation splits, "
-              f"{plan.ablation_seeds} seed{'s' if plan.ablation_seeds > 1 else ''})", "",
-              "| setting | flags | FMNIST-val top-1 | emoji-val R@1 | emoji-val R@5 | Δ top-1 vs CLIP | S_ii | H(S) |",
-              "|---|---|---|---|---|---|---|---|"]
-    clip_top1 = statistics.mean(m["top1"] for m in clip_val) if clip_val else None
-    for setting in [CLIP, *plan.ablation]:
-        rs = ablation.get(setting.name)
-        if not rs:
-            continue
-        ms = [metrics(r, "val") for r in rs]
-        stats = [last_train_stats(r) for r in rs]
-        delta = "" if clip_top1 is None or setting is CLIP else \
-            f"{100 * (statistics.mean(m['top1'] for m in ms) - clip_top1):+.1f}"
-        s_ii = "" if setting is CLIP or stats[0] is None else f"{statistics.mean(s[0] for s in stats):.2f}"
-        h_s = "" if setting is CLIP or stats[0] is None else f"{statistics.mean(s[1] for s in stats):.2f}"
-        mark = " **(selected)**" if selected is not None and setting.name == selected.name else ""
-        flags = " ".join(setting.argv()[2:]) or "--loss clip"
-        lines.append(f"| {setting.name}{mark} | `{flags}` | {mean_std([m['top1'] for m in ms])} | "
-                     f"{mean_std([m['R@1'] for m in ms])} | {mean_std([m['R@5'] for m in ms])} | {delta} | {s_ii} | {h_s} |")
-    lines += ["", "Selected: the setting without extra data (MiniLM rows need precomputed shards) with the highest "
-              "validation top-1 + R@5. S_ii and H(S) are the last logged mean target mass on the positive "
-              "and the target entropy (nats).", ""]
-
-    seeds = f"{plan.seeds} seed{'s' if plan.seeds > 1 else ''}, mean ± std"
-    if main_runs:
-        lines += paired_table(f"## CLIP vs SoftCLIP ({selected.name}) over caption noise (test splits, {seeds})",
-                              main_runs, plan.noises)
-    if data_runs:
-        lines += paired_table(f"## CLIP vs SoftCLIP with precomputed targets ({with_data.name}, the best such "
-                              f"setting on validation; test splits, {seeds})", data_runs, (ABLATION_NOISE,))
-    png = plot(out, plan, main_runs, selected)
-    if png:
-        lines += [f"![accuracy vs noise and over steps]({png.name})", ""]
-    (out / "reproduce.md").write_text("\n".join(lines) + "\n")
-    dump = {"plan": plan.__dict__ | {"ablation": [s.name for s in plan.ablation]},
-            "selected": None if selected is None else {"name": selected.name, "flags": selected.flags},
-            "ablation": {k: [metrics(r, "val") | {"test": metrics(r, "test")} for r in v] for k, v in ablation.items()},
-            "main": {f"{loss}@{noise}": {seed: metrics(r, "test") for seed, r in v.items()}
-                     for (loss, noise), v in main_runs.items()},
-            "with_precomputed": None if with_data is None else {
-                "name": with_data.name, "flags": with_data.flags,
-                "runs": {f"{loss}@{noise}": {seed: metrics(r, "test") for seed, r in v.items()}
-                         for (loss, noise), v in (data_runs or {}).items()}}}
-    (out / "reproduce.json").write_text(json.dumps(dump, indent=1, ensure_ascii=False) + "\n")
-
-
-def last_train_stats(results: dict) -> tuple | None:
-    """Mean target mass on the positive and target entropy at the last logged step, from log.jsonl."""
-    log = Path(results.get("_run", "")) / "log.jsonl"
-    if not log.is_file():
-        return None
-    rec = None
-    for line in log.read_text().splitlines():
-        r = json.loads(line)
-        if r.get("kind") == "train" and "s_diag" in r:
-            rec = r
-    return None if rec is None else (rec["s_diag"], rec["s_entropy"])
-
-
-def plot(out: Path, plan: Plan, main_runs: dict, selected) -> Path | None:
-    if not main_runs:
-        return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for loss, label, style in (("clip", "CLIP", "o-"), ("softclip", f"SoftCLIP ({selected.name})", "s-")):
-        xs, ys, es = [], [], []
-        for noise in plan.noises:
-            vals = [100 * metrics(r, "test")["top1"] for r in main_runs.get((loss, noise), {}).values()]
-            if vals:
-                xs.append(100 * noise)
-                ys.append(statistics.mean(vals))
-                es.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
-        a.errorbar(xs, ys, yerr=es, fmt=style, capsize=4, label=label)
-        runs = main_runs.get((loss, plan.noises[0]), {})
-        for i, r in enumerate(runs.values()):
-            h = [(e["step"], 100 * e["fmnist-test/top1"]) for e in r.get("history", []) if "fmnist-test/top1" in e]
-            if h:
-                b.plot(*zip(*h), style, color=a.lines[-1].get_color(), alpha=0.7,
-                       label=label if i == 0 else None)
-    a.set(xlabel="caption noise (%)", ylabel="Fashion-MNIST zero-shot top-1 (%)",
-          title=f"mean ± std over {plan.seeds} seeds")
-    b.set(xlabel="step", ylabel="Fashion-MNIST zero-shot top-1 (%)",
-          title=f"over training (noise {plan.noises[0]:.0%}, every seed)")
-    for ax in (a, b):
-        ax.axhline(10, color="grey", ls=":", lw=1)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "reproduce.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import reproduce as R  # noqa: E402
+import reproduce_report as RR  # noqa: E402
 
 
 def fake_results(val_top1, test_top1, r1=0.1, r5=0.3, steps=10):
@@ -32,8 +33,8 @@ def test_run_names_are_unique_ascii_and_flags_round_trip():
 def test_metrics_average_both_retrieval_directions():
     m = R.metrics(fake_results(0.5, 0.6, r1=0.2, r5=0.4), "test")
     assert m == pytest.approx({"top1": 0.6, "R@1": 0.25, "R@5": 0.45})
-    assert R.mean_std([0.5]) == "50.0" and R.mean_std([0.4, 0.6]) == "50.0 ± 14.1"
-    assert R.mean_std([0.01, 0.03], signed=True) == "+2.0 ± 1.4" and R.mean_std([-0.05], signed=True) == "-5.0"
+    assert RR.mean_std([0.5]) == "50.0" and RR.mean_std([0.4, 0.6]) == "50.0 ± 14.1"
+    assert RR.mean_std([0.01, 0.03], signed=True) == "+2.0 ± 1.4" and RR.mean_std([-0.05], signed=True) == "-5.0"
 
 
 def test_selection_uses_validation_never_test_and_skips_extra_data_settings():
