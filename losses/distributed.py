@@ -2,11 +2,21 @@
 
 Both helpers concatenate the per-rank tensors along dim 0 in rank order, so row
 ``rank * b + i`` of the result is row ``i`` of rank ``rank``. In a single process
-(``world_size == 1``) they return the input unchanged and need no process group.
+without a process group (``world_size == 1``) they return the input unchanged; a one-rank
+job with a process group runs the collective anyway (see ``_single_process``).
 All ranks must pass tensors of the same shape.
 """
 import torch
 import torch.distributed as dist
+
+
+def _single_process(world_size: int) -> bool:
+    """No gather needed: one rank. A one-rank job WITH a process group still gathers, so that a
+    one-GPU run executes every collective a multi-GPU run does (and catches what they break);
+    a world_size=1 loss inside a larger group (a reference computed on one rank) does not."""
+    if world_size != 1:
+        return False
+    return not (dist.is_available() and dist.is_initialized() and dist.get_world_size() == 1)
 
 
 def all_gather_with_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -17,7 +27,7 @@ def all_gather_with_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
     per-rank loss that is the mean over its own rows, the engine's gradient
     averaging over ranks then gives exactly the full-batch gradient.
     """
-    if world_size == 1:
+    if _single_process(world_size):
         return x
     from torch.distributed._functional_collectives import all_gather_single_autograd
 
@@ -27,7 +37,7 @@ def all_gather_with_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
 @torch.no_grad()
 def all_gather_no_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
     """All-gather of values only (used for the features that build soft targets)."""
-    if world_size == 1:
+    if _single_process(world_size):
         return x
     x = x.detach().contiguous()
     # gloo has no bool all-gather; masks travel as uint8 and come back as bool.
@@ -48,7 +58,7 @@ def all_gather_keep_local_grad(x: torch.Tensor, rank: int, world_size: int) -> t
     full-batch loss and the averaged gradient equals the full-batch gradient divided by
     the world size.
     """
-    if world_size == 1:
+    if _single_process(world_size):
         return x
     parts = list(all_gather_no_grad(x, world_size).chunk(world_size, dim=0))
     parts[rank] = x

@@ -32,6 +32,18 @@ class ModelOutput(NamedTuple):
     logit_scale: torch.Tensor    # () already exponentiated, <= max_logit_scale
 
 
+class _ClampKeepGrad(torch.autograd.Function):
+    """min(x, bound) in the forward, the identity's gradient in the backward (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bound: float) -> torch.Tensor:
+        return x.clamp(max=bound)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
 class CLIP(nn.Module):
     """Image and text towers with bias-free projections to D and a learnable logit scale.
 
@@ -46,8 +58,11 @@ class CLIP(nn.Module):
         self.visual, self.text = build_towers(config, device=device, dtype=dtype)
         # Shape [1], not 0-dim: DeepSpeed 0.19.8 crashes on 0-dim bf16 parameters (measured).
         self.logit_scale = nn.Parameter(torch.full((1,), config.init_logit_scale, device=device, dtype=dtype))
-        # The clamp lives in forward: an in-place clamp after the optimizer step does nothing under
-        # ZeRO-3, where the module holds an empty placeholder and the fp32 master lives elsewhere.
+        # OpenAI clamps the parameter in place after each optimizer step, so at the bound its gradient
+        # still acts and the scale can come back down. A plain clamp in forward would zero that
+        # gradient for good once the parameter passes ln(max). Here forward clamps the value and keeps
+        # the gradient (_ClampKeepGrad), and the trainer clamps the optimizer's fp32 master after
+        # each step (pretrain/logit_scale.py; under ZeRO-3 the module holds only a partition).
         self.max_log_scale = math.log(config.max_logit_scale)
         if any(hasattr(p, "ds_id") for p in self.parameters()):
             self._init_partitioned()
@@ -113,7 +128,7 @@ class CLIP(nn.Module):
         self.text.set_grad_checkpointing(enable)
 
     def get_logit_scale(self) -> torch.Tensor:
-        return self.logit_scale.clamp(max=self.max_log_scale).exp().squeeze(0)   # ()
+        return _ClampKeepGrad.apply(self.logit_scale, self.max_log_scale).exp().squeeze(0)   # ()
 
     # ---------------------------------------------------------------- training forward
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor) -> ModelOutput:

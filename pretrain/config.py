@@ -78,7 +78,8 @@ class TrainConfig:
     report_to: tuple[str, ...]
     wandb_project: str
     max_nonfinite: int             # consecutive non-finite losses tolerated before aborting
-    debug_nan: tuple[str, ...]     # fault injection for tests: "3" = first try of step 3 is NaN, "5+" = every try
+    debug_nan: tuple[str, ...]     # fault injection for tests: "3" = first try of step 3 is NaN, "5+" = every try,
+                                   #   "g3" / "g5+": the same for the gradients (finite loss)
     deepspeed_config: str
     ds_config: dict = field(repr=False)  # resolved dict handed to deepspeed.initialize
     specs: dict = field(repr=False)      # intervals as written by the user ("5%", "2ep", ...)
@@ -300,7 +301,8 @@ def build_config(argv: list[str] | None, env: DistEnv, cuda: bool, check_files: 
     if raw["train_data"] is not None:
         raw["train_data"] = resolve_train_data(str(raw["train_data"]))
     nan_spec = tuple(str(raw["debug_nan"]).replace(",", " ").split())
-    need(all(s.rstrip("+").isdigit() for s in nan_spec), f"--debug-nan {raw['debug_nan']!r}: steps like 3,5+.")
+    need(all(s.removeprefix("g").rstrip("+").isdigit() for s in nan_spec),
+         f"--debug-nan {raw['debug_nan']!r}: steps like 3,5+ (loss) or g3,g5+ (gradients).")
     resume = raw["resume"] if raw["resume"] not in ("", "none", "None") else None
     if check_files and raw["train_data"] is not None and raw["output_dir"] is not None:
         check_data_and_model(raw, resume, env, problems)

@@ -19,6 +19,8 @@ from torch import nn
 from losses import ClipLoss, SoftCLIPLoss
 from pretrain import schedule
 from pretrain.config import FINE_MEMBER, TrainConfig
+from pretrain.logit_scale import clamp_logit_scale_
+from pretrain.nonfinite import gradients_finite, poison_gradient, skip_step
 from pretrain.teacher import EMA, teacher_tokens
 
 
@@ -117,6 +119,7 @@ class TrainState:
     data_batches: int = 0         # ... and how many batches of it this rank has consumed
     data_seed: int = 0
     nonfinite_total: int = 0      # micro-batches dropped for a non-finite loss
+    nonfinite_grad_total: int = 0  # optimizer steps skipped (and redone) for non-finite gradients
     skipped_samples: int = 0      # samples the data pipeline skipped (undecodable, no text, ...)
     history: list = field(default_factory=list)  # eval results over steps (small)
 
@@ -133,17 +136,27 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def _sum_over_ranks(*values: float) -> list[float]:
-    """One small all-reduce (SUM) for the per-step flags and counters every rank must agree on."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+def _sum_over_ranks(device: torch.device, *values: float) -> list[float]:
+    """One small all-reduce (SUM) for the per-step flags and counters every rank must agree on.
+
+    The tensor lives on the engine's device. On GPUs the process group is NCCL only (device map
+    {"cuda": "nccl"}), which has no backend for a CPU tensor. We keep that one backend rather than
+    creating the group as "cpu:gloo,cuda:nccl": a second (gloo) mesh of TCP connections to every
+    rank of a multi-node job, with its own interface settings and failure modes, for a few bytes per
+    step that cost one tiny NCCL kernel and the host sync the isfinite check pays anyway. Every rank
+    with a process group runs it, a one-rank job too, so a one-GPU run executes each collective a
+    multi-GPU run does (and `make gpu-check` catches a tensor on the wrong device).
+    """
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
 
 
-def _inject_nan(spec: tuple, step: int, tries: int) -> bool:
-    """Test hook (--debug-nan): "3" poisons the first try of step 3, "5+" every try of step 5."""
-    return f"{step}+" in spec or (str(step) in spec and tries == 0)
+def _inject_nan(spec: tuple, step: int, tries: int, kind: str = "") -> bool:
+    """Test hook (--debug-nan): "3" poisons the loss of the first try of step 3, "5+" every try of
+    step 5; "g3" / "g5+" the same for the gradients only (the loss stays finite)."""
+    return f"{kind}{step}+" in spec or (f"{kind}{step}" in spec and tries == 0)
 
 
 def train(engine, data, cfg: TrainConfig, state: TrainState, log, stop, on_step_end, ema: EMA | None = None) -> str:
@@ -160,6 +173,7 @@ def train(engine, data, cfg: TrainConfig, state: TrainState, log, stop, on_step_
     device, world = engine.device, cfg.world_size
     engine.train()
     bad_run, bad_first_step, t_last, samples_last = 0, None, time.perf_counter(), state.samples_seen
+    bad_grad_run = 0  # optimizer steps in a row skipped for non-finite gradients
     while state.step < cfg.steps:
         # apply schedules (a pure function of the step, so resume continues it exactly)
         lr = schedule.cosine_lr(state.step, peak=cfg.lr, warmup_steps=cfg.warmup_steps,
@@ -177,8 +191,10 @@ def train(engine, data, cfg: TrainConfig, state: TrainState, log, stop, on_step_
             loss = terms["loss"]
             if _inject_nan(cfg.debug_nan, state.step + 1, bad_run):
                 loss = loss * float("nan")
+            if _inject_nan(cfg.debug_nan, state.step + 1, bad_grad_run, kind="g"):
+                loss = poison_gradient(loss)
             # one rank's NaN makes every rank drop the batch; skipped samples summed over ranks
-            n_bad, skipped = _sum_over_ranks(float(not torch.isfinite(loss)), float(batch["skipped"]))
+            n_bad, skipped = _sum_over_ranks(device, float(not torch.isfinite(loss)), float(batch["skipped"]))
             state.skipped_samples += int(skipped)
             if n_bad > 0:
                 state.nonfinite_total += 1
@@ -190,13 +206,31 @@ def train(engine, data, cfg: TrainConfig, state: TrainState, log, stop, on_step_
                         f"{bad_first_step}-{state.step + 1} (bound --max-nonfinite {cfg.max_nonfinite}); "
                         f"{state.nonfinite_total} dropped in total. Lower --lr or raise --warmup, then "
                         f"--resume latest (the last checkpoint holds no non-finite update).")
+                del terms, loss  # free the dropped batch's graph now, not after the next forward
                 continue
             bad_run, bad_first_step = 0, None
             engine.backward(loss)
+            # A finite loss can still give non-finite gradients. Checked before the optimizer step, on
+            # the summed gradients (a collective: every rank agrees); the step is skipped and redone
+            # with the next batches, like a dropped non-finite loss, so it is never checkpointed.
+            if micro + 1 == cfg.grad_accum and not gradients_finite(engine):
+                skip_step(engine)
+                state.nonfinite_grad_total += 1
+                bad_grad_run += 1
+                if bad_grad_run >= cfg.max_nonfinite:
+                    raise NonFiniteLoss(
+                        f"gradients were non-finite (with a finite loss) for {bad_grad_run} tries in a row of "
+                        f"step {state.step + 1} (bound --max-nonfinite {cfg.max_nonfinite}). Lower --lr or "
+                        f"raise --warmup, then --resume latest (the last checkpoint holds no non-finite update).")
+                del terms, loss
+                sums, micro = {}, 0
+                continue
             engine.step()
             micro += 1
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach().float().mean()) / cfg.grad_accum
+        bad_grad_run = 0
+        clamp_logit_scale_(engine)  # after the optimizer step, as OpenAI's in-place clamp
         state.step += 1
         if ema is not None:  # after the optimizer step (the last micro-batch's engine.step())
             ema.update()
@@ -208,11 +242,11 @@ def train(engine, data, cfg: TrainConfig, state: TrainState, log, stop, on_step_
             record = dict(sums, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
                           samples_per_s=(state.samples_seen - samples_last) / max(now - t_last, 1e-9),
                           samples_seen=state.samples_seen, skipped_samples=state.skipped_samples,
-                          nonfinite_total=state.nonfinite_total)
+                          nonfinite_total=state.nonfinite_total, nonfinite_grad_total=state.nonfinite_grad_total)
             log(state.step, {k: v for k, v in record.items() if v is None or math.isfinite(v)})
             t_last, samples_last = now, state.samples_seen
         on_step_end(state.step)
         # a signal on any rank stops every rank after the same step (MAX over ranks)
-        if _sum_over_ranks(float(bool(stop)))[0] > 0:
+        if _sum_over_ranks(device, float(bool(stop)))[0] > 0:
             return "stopped"
     return "done"

@@ -60,17 +60,22 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequen
 
 
 # ----------------------------------------------------------------------------------- lockstep
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+# Every rank with a process group runs these collectives, a one-rank job too: a one-GPU run must
+# execute each collective of a multi-GPU run (pretrain/engine.py `_sum_over_ranks` says why).
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
-def lockstep(batches: Iterable, dummy: Callable[[], object]) -> Iterator[tuple[object, bool]]:
-    """Yield (batch, real) until every rank is exhausted; real=False marks a padding dummy."""
+def lockstep(batches: Iterable, dummy: Callable[[], object], device=None) -> Iterator[tuple[object, bool]]:
+    """Yield (batch, real) until every rank is exhausted; real=False marks a padding dummy.
+
+    device: the engine's device; the flag is all-reduced there (an NCCL group has no CPU backend).
+    """
     it = iter(batches)
     while True:
         batch = next(it, None)
-        have = torch.tensor([0.0 if batch is None else 1.0])
-        if _world() > 1:
+        have = torch.tensor([0.0 if batch is None else 1.0], device=device)
+        if _distributed():
             dist.all_reduce(have)  # how many ranks still have data
         if have.item() == 0:
             return
@@ -78,10 +83,14 @@ def lockstep(batches: Iterable, dummy: Callable[[], object]) -> Iterator[tuple[o
 
 
 def gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate a CPU tensor of per-rank length across ranks (rank order)."""
-    if _world() == 1:
+    """Concatenate a CPU tensor of per-rank length across ranks (rank order).
+
+    all_gather_object moves its pickled bytes to the group's device itself (the current CUDA device
+    under NCCL, set by pretrain/main.py); the objects are this job's own embeddings, not shard data.
+    """
+    if not _distributed():
         return t
-    parts: list = [None] * _world()
+    parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, t.cpu())
     return torch.cat(parts, dim=0)
 
@@ -107,7 +116,7 @@ def text_classifier(model, tokenizer, classnames: Sequence[str], templates: Sequ
 def embed_pairs(model, loader, device, dummy, images=True, texts=True, labels=False) -> dict:
     """Embed every sample of this rank's share, in lockstep with the other ranks; gathered."""
     out = {"image": [], "text": [], "labels": []}
-    for batch, real in lockstep(loader, dummy):
+    for batch, real in lockstep(loader, dummy, device):
         img = model.encode_image(batch["images"].to(device)).float().cpu() if images else None
         txt = model.encode_text(batch["input_ids"].to(device)).float().cpu() if texts else None
         if not real:

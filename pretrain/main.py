@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # `deepspeed pretrain/main.py` runs this file as 
 
 import torch
 
-from pretrain import checkpoint, dist as pdist
+from pretrain import checkpoint, dist as pdist, seeding
 from pretrain.config import ConfigError, TrainConfig, build_config, parse
 from pretrain.signals import EXIT_CONFIG, EXIT_PREEMPTED, StopFlag
 
@@ -66,7 +66,7 @@ def run(cfg: TrainConfig, env: pdist.DistEnv, log, stop: StopFlag) -> int:
     from pretrain.evalsets import EvalRunner
     from pretrain.feed import Feed
 
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    seeding.seed_weights(cfg.seed)  # same initial weights on every rank
     model_cfg = get_model_config(cfg.model)
     tokenizer = Tokenizer.load(cfg.tokenizer, context_length=model_cfg.text.context_length)
     model = build_model(cfg, tokenizer)
@@ -95,6 +95,7 @@ def run(cfg: TrainConfig, env: pdist.DistEnv, log, stop: StopFlag) -> int:
         log.info(f"resumed from {tag_dir} at step {state.step} ({state.samples_seen} samples seen)")
         log.write({"kind": "event", "event": "resume", "step": state.step, "tag": str(tag_dir)})
     log.advance(state.step)
+    seeding.seed_training(cfg.seed, env.rank, state.step)  # per-rank dropout masks from here on
 
     feed = Feed(cfg, env, tokenizer, model_cfg, state)
     evals = EvalRunner(cfg, env, tokenizer, model_cfg, log)

@@ -55,20 +55,25 @@ def cosine_lr(step: int, *, peak: float, warmup_steps: int, total_steps: int, mi
     return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-# Parameter names that are embeddings even when they are 2-D (token tables, positional and class
-# embeddings). Weight decay on them shrinks rarely-seen rows toward zero (open_clip excludes them too).
-_NO_DECAY_NAME = re.compile(r"(embed|embedding|pos_|positional|cls_token|class_token|logit_scale|logit_bias)")
+# CLIP's recipe (Radford et al. 2021, section 2.5: "decoupled weight decay ... applied to all weights
+# that are not gains or biases") as open_clip implements it (open_clip_train/main.py: exempt p.ndim < 2,
+# "bn"/"ln" in the name, "bias", "logit_scale"). On open_clip's ViT that decays every matrix and
+# convolution, the patch embedding, the token table and both positional tables, and exempts norm gains,
+# biases, the class embedding (a [width] vector) and the logit scale. timm stores the class token as
+# [1, 1, width], so dimensions are counted without the singleton ones: the same vector, the same choice.
+_NO_DECAY_NAME = re.compile(r"^logit_(scale|bias)$")
 
 
 def wants_decay(name: str, param: torch.Tensor) -> bool:
-    """Weight decay only on weight matrices: not norms, biases, embeddings or the logit scale.
+    """Weight decay on weight matrices, convolutions and embedding tables; not on norms, biases,
+    the class token or the logit scale.
 
     Dimension is read from `ds_shape` under ZeRO-3, where the local tensor is a flat empty shard.
     """
     shape = getattr(param, "ds_shape", param.shape)
-    if len(shape) <= 1:  # norms, biases, logit_scale ([1]) and other gains
+    if sum(d > 1 for d in shape) < 2:  # norms, biases, class token, logit_scale ([1]) and other gains
         return False
-    return _NO_DECAY_NAME.search(name.split(".")[-1]) is None and "embed" not in name
+    return _NO_DECAY_NAME.search(name.split(".")[-1]) is None
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -258,6 +258,21 @@ def test_logit_scale_clamped_inside_forward(model):
             model.logit_scale.fill_(math.log(1 / 0.07))
 
 
+def test_logit_scale_comes_back_down_from_the_bound():
+    """Past ln(100) the value stays clamped but the gradient still reaches the parameter (as with
+    OpenAI's in-place clamp), so a loss that wants a smaller scale can lower it again."""
+    m = create_model("tiny-test", device=DEVICE)
+    with torch.no_grad():
+        m.logit_scale.fill_(math.log(100.0) + 0.5)
+    opt = torch.optim.SGD([m.logit_scale], lr=1.0)
+    scale = m(images(2), make_ids([3, 5])).logit_scale
+    assert math.isclose(scale.item(), 100.0, rel_tol=1e-5)
+    (scale / 100.0).backward()                           # d/dparam = scale / 100 = 1 at the bound
+    assert math.isclose(m.logit_scale.grad.item(), 1.0, rel_tol=1e-5)
+    opt.step()                                           # param: ln(100) + 0.5 - 1
+    assert math.isclose(m(images(2), make_ids([3, 5])).logit_scale.item(), 100.0 / math.exp(0.5), rel_tol=1e-5)
+
+
 def test_grad_checkpointing_equal():
     torch.manual_seed(0)
     m = create_model("tiny-test", device=DEVICE).train()

@@ -1,0 +1,76 @@
+"""Non-finite gradients behind a finite loss: detect them before the optimizer step, skip that step.
+
+DeepSpeed 0.19.8 checks for overflow itself only in fp16; in bf16 and fp32 the ZeRO-1/2/3 optimizers
+skip a step whose gradient norm is invalid (stage_1_and_2.py / stage3.py `step`) but say so only
+through `engine.skipped_steps`, and without ZeRO partitioning nothing stops the update. The trainer
+therefore checks the summed gradients before the step, counts a failure, and skips the step in a way
+DeepSpeed's bookkeeping (micro-step counter, gradient buffers) stays consistent with.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _local_gradients(engine) -> list[torch.Tensor]:
+    """This rank's part of the accumulated gradients (ZeRO-3: its partitions; no ZeRO: the full grads)."""
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    if engine.zero_optimization_stage() == 3:
+        from deepspeed.utils import safe_get_local_grad
+        grads = [safe_get_local_grad(p) for p in params]
+    else:
+        grads = [p.grad for p in params]
+    return [g for g in grads if g is not None and g.numel()]
+
+
+def gradients_finite(engine) -> bool:
+    """Whether every rank's accumulated gradients are finite. Collective: call on every rank, after the
+    last micro-batch's backward and before its engine.step()."""
+    if engine.zero_optimization_stage() in (1, 2):
+        # the partitions live in the optimizer's own buffers; its check all-reduces (MAX) over the
+        # data-parallel group on the device
+        opt = engine.optimizer
+        return not opt.has_overflow(partition_gradients=getattr(opt, "partition_gradients", True))
+    grads = _local_gradients(engine)
+    norm = (torch.nn.utils.get_total_norm(grads).to(engine.device, torch.float32) if grads
+            else torch.zeros((), device=engine.device))
+    sq = norm.square().reshape(1)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sq)  # on the engine's device (an NCCL group has no CPU backend)
+    return bool(torch.isfinite(sq).all())
+
+
+def skip_step(engine) -> None:
+    """engine.step() that updates nothing and discards the accumulated gradients (every rank).
+
+    Without ZeRO partitioning the gradients are dropped first (torch's AdamW then skips every
+    parameter, its moments untouched); with ZeRO DeepSpeed's own invalid-norm check skips the update
+    and clears its buffers. If it did not (a DeepSpeed whose check differs), the weights may be
+    poisoned: stop before they can be checkpointed.
+    """
+    from pretrain.engine import NonFiniteLoss
+    zero = engine.zero_optimization_stage() > 0
+    if not zero:
+        for p in engine.module.parameters():
+            p.grad = None
+    skipped = engine.skipped_steps
+    engine.step()
+    if zero and engine.skipped_steps == skipped:
+        raise NonFiniteLoss("DeepSpeed applied an optimizer step whose gradients were non-finite; the weights "
+                            "may be corrupt. --resume latest (the last checkpoint predates it).")
+
+
+class _NanGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss with non-finite gradients (--debug-nan g3)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan")
+
+
+def poison_gradient(loss: torch.Tensor) -> torch.Tensor:
+    return _NanGradient.apply(loss)
