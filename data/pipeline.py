@@ -6,13 +6,14 @@ Batches are built in the worker, so the main process only receives finished tens
 worker of every rank yields the same number of batches per epoch, so ranks stay in step (a rank
 that ran out of data early would leave the others waiting in a collective).
 
-Batch dict (train):  images FloatTensor [B,3,S,S], input_ids LongTensor [B,L],
+Batch dict (train):  images ByteTensor [B,3,S,S] (uint8 pixels: normalise on the device with
+                     data.transforms.images_on_device), input_ids LongTensor [B,L],
                      attention_mask BoolTensor [B,L], keys list[str],
                      skipped LongTensor [] (samples this worker skipped since its previous batch;
                      summing it over batches and ranks gives the run's skip count).
 Eval batches add texts list[str] and, with labels, labels LongTensor [B]; extra members requested
 by extension are passed through as lists. Precomputed fine-grained members asked for with
-`fine` add fine_img / fine_txt FloatTensor [B,n,d] and fine_img_mask / fine_txt_mask BoolTensor
+`fine` add fine_img / fine_txt HalfTensor [B,n,d] and fine_img_mask / fine_txt_mask BoolTensor
 [B,n] (format, validity rule and the fixed n: data/fine.py).
 """
 
@@ -30,7 +31,6 @@ from data.fine import decode_fine, pack_fine
 from data.shards import ShardSet
 from data.tario import SkipLog, iter_tar_groups
 from data.tokenizer import Tokenizer
-from data.transforms import normalize_batch
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -168,8 +168,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield self.collate(chunk, log, rng)
 
     def collate(self, chunk: list[dict], log: SkipLog, rng: random.Random) -> dict:
-        images = torch.stack([self.transform(s["image"], rng) for s in chunk])  # (B, 3, S, S) uint8
-        batch = {"images": normalize_batch(images, self.mean, self.std)}
+        # uint8 (B, 3, S, S): normalised on the device, after the copy (data/transforms.py)
+        batch = {"images": torch.stack([self.transform(s["image"], rng) for s in chunk])}
         texts = [s["text"] if s["text"] is not None else "" for s in chunk]
         if self.tokenizer is not None:  # eval sets read for their images and labels need none
             batch["input_ids"], batch["attention_mask"] = self.tokenizer(texts)
