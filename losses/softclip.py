@@ -56,9 +56,9 @@ def fine_similarity(x, mask=None, x_all=None, mask_all=None, chunk_bytes: int = 
     Args:
         x: [n, K, D] token features of the rows; mask: [n, K] bool validity (None = all valid).
         x_all, mask_all: [N, M, D] and [N, M] for the columns; default to ``x`` and ``mask``.
-        chunk_bytes: bound on the [n, K, c, M] similarity block, and on the c columns upcast
-            to fp32, kept at once. ``x_all`` may be fp16/bf16 (gathered precomputed features):
-            it is read a block at a time and never copied whole.
+        chunk_bytes: bound on the working memory of one block of c columns (the [n, K, c, M]
+            similarity and the block filled and upcast to fp32). ``x_all`` may be fp16/bf16
+            (gathered precomputed features): it is read a block at a time, never copied whole.
     Returns:
         [n, N] fp32 tensor. For L2-normalised features f(i, i) = 1, each row's maximum.
     """
@@ -86,10 +86,12 @@ def fine_similarity(x, mask=None, x_all=None, mask_all=None, chunk_bytes: int = 
     # bounded by chunk_bytes whatever N is (both the [n, K, c, M] similarity and the c columns).
     out = torch.empty(n, N, dtype=dtype, device=x.device)
     itemsize = torch.finfo(dtype).bits // 8
-    step = max(1, min(chunk_bytes // (itemsize * n * K * M), chunk_bytes // (itemsize * M * D)))
+    per_column = itemsize * n * K * M + (itemsize + x_all.element_size()) * M * D   # similarity + filled block
+    step = max(1, chunk_bytes // per_column)
     for j in range(0, N, step):
         c = min(step, N - j)
-        cols = _fill_invalid(x_all[j:j + c].to(dtype), mask_all[j:j + c])      # [c, M, D]
+        # filled in the stored dtype, then upcast: one half-size temporary, not a second fp32 copy
+        cols = _fill_invalid(x_all[j:j + c], mask_all[j:j + c]).to(dtype)      # [c, M, D]
         sim = (rows @ cols.reshape(c * M, D).T).view(n, K, c, M)
         best_in_j = sim.amax(dim=3)                              # [n, K, c]: each token of i
         best_in_i = sim.amax(dim=1)                              # [n, c, M]: each token of j
