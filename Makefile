@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo bench-loss clean-venv
+.PHONY: setup test demo bench-loss gpu-check clean-venv
 
 # Idempotent: rebuilt only when a requirements file changes.
 setup: $(STAMP)
@@ -25,6 +25,11 @@ demo: setup
 
 bench-loss: setup
 	$(PY) bench/loss.py
+
+# One NVIDIA GPU, at most 8 minutes: train/resume/export with ZeRO-3 bf16 + FusedAdam, loss/model/step
+# benchmarks against their targets; writes results/gpu_check.md. Says so and exits 0 without a GPU.
+gpu-check: setup
+	$(PY) bench/gpu_check.py
 
 clean-venv:
 	rm -rf $(VENV)

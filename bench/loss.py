@@ -12,6 +12,13 @@ case takes many minutes, so cases whose estimated time exceeds --softclip-budget
 printed as skipped with the estimate, and memory scaling is measured at a fixed per-rank
 batch b (rank 0 of W = N / b simulated ranks, gathered columns given), the regime of a
 large multi-node run.
+
+Detector shapes (--parts detector): the per-rank peak of the precomputed-target path (gather +
+fine-grained similarity) with K = 36 regions of d = 2048 per sample, the paper's setting, at
+per-rank batch b as N grows; beside it the path as it was before (features shipped in fp32, a
+gather list plus its concatenation, whole-column upcast and fill copies), in the same run.
+    .venv/bin/python bench/loss.py --parts detector                      # CPU, N up to 2048
+    .venv/bin/python bench/loss.py --device cuda --parts detector --detector-sizes 8192 32768
 """
 import argparse
 import json
@@ -210,6 +217,58 @@ def _fixed_b_worker(device, b, N, threads, queue):
     queue.put((time.perf_counter() - t0, peak_bytes(device) - base))
 
 
+DETECTOR_K, DETECTOR_D = 36, 2048
+
+
+def detector_memory(device, b, sizes, threads):
+    """{N: {variant: (seconds, peak bytes)}} of one rank's target path at detector shapes."""
+    out = {}
+    ctx = mp.get_context("spawn")
+    for N in sizes:
+        out[N] = {}
+        for variant in ("now", "before"):       # each in a fresh process: its own peak
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_detector_worker, args=(device, b, N, variant, threads, queue))
+            proc.start()
+            out[N][variant] = queue.get()
+            proc.join()
+    return out
+
+
+def _detector_worker(device, b, N, variant, threads, queue):
+    """Rank 0 of W = N / b. `others` stands for what the other ranks send (not counted: it lives
+    on their devices); what the gather allocates here and everything after it is counted."""
+    from losses import fine_similarity
+    from losses.softclip import _fill_invalid
+
+    torch.set_num_threads(threads)
+    g = torch.Generator(device=device).manual_seed(0)     # drawn where it lives: 2.4 G values at N=32,768
+    others = torch.empty(N, DETECTOR_K, DETECTOR_D, dtype=torch.float16, device=device)
+    for j in range(0, N, 1024):          # filled in blocks: a whole fp32 randn would set the peak
+        c = min(1024, N - j)
+        others[j:j + c] = F.normalize(torch.randn(c, DETECTOR_K, DETECTOR_D, generator=g, device=device), dim=-1)
+    mask_all = torch.rand(N, DETECTOR_K, generator=g, device=device) > 0.2
+    mask_all[:, 0] = True
+    rows, row_mask = others[:b].clone(), mask_all[:b].clone()        # this rank's batch, fp16 as shipped
+    if device == "cuda":
+        torch.cuda.synchronize()
+    base = start_peak(device)
+    t0 = time.perf_counter()
+    if variant == "now":                 # one fp16 buffer written by the gather, blocks upcast
+        gathered = torch.empty_like(others)
+        gathered.copy_(others)
+        fine_similarity(rows, row_mask, gathered, mask_all)
+    else:                                # fp32 batch, all_gather into a list + torch.cat, whole fills
+        rows = rows.float()
+        parts = [others[r * b:(r + 1) * b].float() for r in range(N // b)]
+        gathered = torch.cat(parts)
+        del parts
+        fine_similarity(rows, row_mask, _fill_invalid(gathered, mask_all), mask_all)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    queue.put((time.perf_counter() - t0, peak_bytes(device) - base))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 8192])
@@ -219,19 +278,47 @@ def main():
     ap.add_argument("--softclip-budget-s", type=float, default=90.0,
                     help="skip SoftCLIP cases estimated to take longer than this per call")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--parts", default="timing,fixed_b,detector",
+                    help="comma-separated subset of timing, fixed_b, detector")
+    ap.add_argument("--detector-b", type=int, default=None,
+                    help="per-rank batch of the detector-shape case (default 128 on cuda, 32 on cpu)")
+    ap.add_argument("--detector-sizes", type=int, nargs="+", default=None,
+                    help="global batches N of the detector-shape case (default 4096..32768 on cuda, "
+                         "512..2048 on cpu)")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    if parts - {"timing", "fixed_b", "detector"}:
+        ap.error(f"--parts {args.parts!r}: choose from timing, fixed_b, detector")
     threads = torch.get_num_threads()
     print(f"# bench/loss.py on {args.device}, {threads} threads, torch {torch.__version__}")
     print(f"# command: {' '.join(sys.argv)}\n")
 
+    if "detector" in parts:
+        cuda = args.device == "cuda"
+        b = args.detector_b or (128 if cuda else 32)
+        sizes = args.detector_sizes or ([4096, 8192, 16384, 32768] if cuda else [512, 1024, 2048])
+        print(f"Precomputed-target path at detector shapes (K={DETECTOR_K}, d={DETECTOR_D}, fp16), "
+              f"per-rank batch b={b}, rank 0 of N/b ranks:\n")
+        print("| N | gathered fp16 buffer MiB | per-rank peak MiB (now) | s | "
+              "per-rank peak MiB (before: fp32 list + cat + fill) | s |")
+        print("|---|---|---|---|---|---|")
+        for N, r in detector_memory(args.device, b, sizes, threads).items():
+            buffer = N * DETECTOR_K * DETECTOR_D * 2
+            print(f"| {N} | {buffer / 2**20:.0f} | {r['now'][1] / 2**20:.0f} | {r['now'][0]:.1f} | "
+                  f"{r['before'][1] / 2**20:.0f} | {r['before'][0]:.1f} |")
+            sys.stdout.flush()
+        print()
+    if "timing" not in parts and "fixed_b" not in parts:
+        return
     fine_rate, matmul_rate = fine_similarity_rate(args.device)
     print(f"fine_similarity: {fine_rate:.1f} GFLOP/s vs plain matmul {matmul_rate:.1f} GFLOP/s "
           f"({100 * fine_rate / matmul_rate:.0f}%)  [text tokens, n=512, N=1024, M={M}, D={D}]\n")
 
-    print("| N | W | loss | fwd+bwd ms | per-rank peak MiB | time vs open_clip |")
-    print("|---|---|---|---|---|---|")
+    if "timing" in parts:
+        print("| N | W | loss | fwd+bwd ms | per-rank peak MiB | time vs open_clip |")
+        print("|---|---|---|---|---|---|")
     labels = {"open_clip": "open_clip ClipLoss", "clip": "ClipLoss", "softclip": "SoftCLIPLoss"}
-    for n in args.sizes:
+    for n in args.sizes if "timing" in parts else []:
         for world in args.worlds:
             base = dict(n=n, world=world, device=args.device, threads=threads, repeats=args.repeats)
             losses = ["open_clip", "clip", "softclip"]
@@ -246,6 +333,8 @@ def main():
                 print(f"| {n} | {world} | SoftCLIPLoss | skipped (est. {est:.0f} s per call) | | |")
             sys.stdout.flush()
 
+    if "fixed_b" not in parts:
+        return
     b = args.fixed_b
     mem = fixed_b_memory(args.device, b, sorted({4096, 8192} | set(args.sizes)), threads)
     print(f"\nSoftCLIP per-rank peak at fixed b={b} (rank 0 of N/b ranks):")

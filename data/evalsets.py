@@ -26,6 +26,7 @@ from data.embedded.build import DEFAULT_OUT, shard_pattern
 from data.embedded.captions import (EMOJI_CATEGORY_CLASSNAMES, EMOJI_EVAL_TEMPLATES, FMNIST_EVAL_TEMPLATES,
                                     FMNIST_PROMPT_NAMES)
 from data.loaders import make_eval_loader
+from data.transforms import normalize_batch
 
 # name -> (shard set, class names, prompt templates)
 ZEROSHOT_SETS = {
@@ -77,7 +78,9 @@ def _read_all(pattern: str, image_size: int, mean: Sequence[float], std: Sequenc
         labels.append(batch["labels"])
         texts += batch["texts"]
         keys += batch["keys"]
-    return torch.cat(images), torch.cat(labels), texts, keys
+    # Normalised here, on the CPU, by the function the trainer runs on the device: these sets hand
+    # out model inputs (zs.images), and the pipeline's batches carry uint8 pixels.
+    return normalize_batch(torch.cat(images), mean, std), torch.cat(labels), texts, keys
 
 
 def load_zeroshot_set(name: str, *, image_size: int, mean: Sequence[float], std: Sequence[float],

@@ -17,8 +17,9 @@ Set metadata: `fine.json` beside the shards (written by precompute_fine) records
 {"tokens": the most rows a sample has (the loader's default n), "dim": d, "source": ...}.
 
 Batching (make_train_loader(..., fine_members=("fine_txt",), fine_tokens=...)):
-    batch["fine_txt"]       FloatTensor [B, n, d]  valid rows in stored order, the first n kept,
-                                                   each L2-normalised (fp32); padding rows zero
+    batch["fine_txt"]       HalfTensor  [B, n, d]  valid rows in stored order, the first n kept,
+                                                   each L2-normalised (in fp32, shipped as fp16);
+                                                   padding rows zero
     batch["fine_txt_mask"]  BoolTensor  [B, n]     True on valid rows (>= 1 per sample)
 and the same for fine_img. n is FIXED per member (`fine_tokens`, else the "tokens" of fine.json),
 never the batch maximum: SoftCLIPLoss all-gathers these tensors across ranks, and an all-gather
@@ -64,10 +65,13 @@ def decode_fine(group: dict, member: str, dim: int | None = None) -> np.ndarray:
 
 
 def pack_fine(samples: Sequence[np.ndarray], tokens: int):
-    """Valid rows of each sample (from check_fine) -> (float32 [B, tokens, d], bool [B, tokens]).
+    """Valid rows of each sample (from check_fine) -> (float16 [B, tokens, d], bool [B, tokens]).
 
     The first `tokens` rows are kept (writers store tokens in caption order and detector regions
-    by decreasing score, so this keeps the caption's start / the most confident regions)."""
+    by decreasing score, so this keeps the caption's start / the most confident regions). Rows are
+    L2-normalised in fp32 and shipped as fp16 (|x| <= 1, 11 significant bits: the stored
+    precision), so the worker's IPC, the host-to-device copy and the loss's all-gather carry half
+    the bytes of fp32; the loss upcasts one block of columns at a time (losses.fine_similarity)."""
     import torch
 
     lengths = np.array([min(len(rows), tokens) for rows in samples])
@@ -76,7 +80,7 @@ def pack_fine(samples: Sequence[np.ndarray], tokens: int):
     # the order of the concatenation.
     flat = np.concatenate([rows[:tokens] for rows in samples]).astype(np.float32)  # (sum of lengths, d)
     flat /= np.linalg.norm(flat, axis=1, keepdims=True)
-    out = np.zeros((len(samples), tokens, flat.shape[1]), np.float32)
+    out = np.zeros((len(samples), tokens, flat.shape[1]), np.float16)
     out[mask] = flat
     return torch.from_numpy(out), torch.from_numpy(mask)
 

@@ -8,6 +8,13 @@ Epoch arithmetic (the same for both training modes, following open_clip's `with_
 Epochs mode rounds down so that an epoch never reads a sample twice when the shards split evenly
 (equal-sized shards, a multiple of world_size * num_workers of them); otherwise a worker whose
 shards run short re-reads a few samples and says so in a warning.
+
+Prefetch bound: each DataLoader worker keeps up to `prefetch_factor` finished batches in shared
+memory (/dev/shm) ahead of the trainer. Here that depth is derived from a per-rank budget,
+`prefetch_bytes` (default 1 GiB, i.e. 8 GiB per 8-GPU node): depth = budget / (workers x batch
+bytes), between 1 and 4. At 224 px, 128 images per micro-batch (ViT-L-14 at a 32,768 batch on
+256 GPUs) and 10 workers a batch is 19 MiB, so the full depth of 4 fits; at 1,024 images a batch is
+147 MiB and the depth drops to 1 (still one batch per worker in flight, which is what overlap needs).
 """
 
 from __future__ import annotations
@@ -25,6 +32,28 @@ from data.tokenizer import Tokenizer
 from data.transforms import EvalTransform, TrainTransform
 
 
+PREFETCH_BYTES = 1 << 30   # per rank: batches held ready in shared memory by all of its workers
+MAX_PREFETCH = 4           # more does not help: a worker that is 4 batches ahead is not the bottleneck
+
+
+def batch_bytes(dataset: ShardStream) -> int:
+    """Bytes of one full batch of `dataset` in shared memory (uint8 images, token ids, fine features)."""
+    size = getattr(dataset.transform, "image_size", 224)
+    per_sample = 3 * size * size
+    if dataset.tokenizer is not None:
+        per_sample += 9 * getattr(dataset.tokenizer, "context_length", 77)   # int64 ids + bool mask
+    for member, (tokens, dim) in dataset.fine.items():
+        per_sample += tokens * ((dim or 1024) * 2 + 1)                       # fp16 rows + bool mask
+    return dataset.batch_size * per_sample
+
+
+def prefetch_depth(one_batch: int, num_workers: int, budget: int = PREFETCH_BYTES) -> int:
+    """Batches each worker may prefetch so that all workers together stay within `budget` bytes."""
+    if num_workers == 0:
+        return MAX_PREFETCH        # unused: without workers nothing is prefetched
+    return max(1, min(MAX_PREFETCH, budget // max(1, num_workers * one_batch)))
+
+
 class Loader:
     """A DataLoader over a ShardStream, plus the counts the trainer plans with.
 
@@ -37,10 +66,21 @@ class Loader:
     """
 
     def __init__(self, dataset: ShardStream, num_workers: int, num_batches: int | None,
-                 num_samples: int | None, pin_memory: bool = False, prefetch_factor: int = 4):
+                 num_samples: int | None, pin_memory: bool = False, prefetch_bytes: int = PREFETCH_BYTES):
         self.dataset, self.num_workers = dataset, num_workers
         self.num_batches, self.num_samples = num_batches, num_samples
-        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_depth(batch_bytes(dataset), num_workers, prefetch_bytes)
+
+    @property
+    def mean(self):
+        """The normalisation the consumer applies on its device (images arrive as uint8):
+        data.transforms.images_on_device(batch["images"], device, loader.mean, loader.std)."""
+        return self.dataset.mean
+
+    @property
+    def std(self):
+        return self.dataset.std
 
     @property
     def epoch(self) -> int:
@@ -83,7 +123,8 @@ def make_train_loader(data: str | Sequence[str], tokenizer: Tokenizer, *, batch_
                       shuffle_buffer: int = 2000, scale: Sequence[float] = (0.9, 1.0),
                       max_fail_fraction: float = 0.05, min_fail_samples: int = 256,
                       extra: Sequence[str] = (), fine_members: Sequence[str] = (),
-                      fine_tokens: int | Mapping[str, int] | None = None, pin_memory: bool = False) -> Loader:
+                      fine_tokens: int | Mapping[str, int] | None = None, pin_memory: bool = False,
+                      prefetch_bytes: int = PREFETCH_BYTES) -> Loader:
     """Training batches for one rank.
 
     Args:
@@ -100,11 +141,17 @@ def make_train_loader(data: str | Sequence[str], tokenizer: Tokenizer, *, batch_
         max_fail_fraction: error out when more than this fraction of a worker's samples fail.
         extra: extra member extensions to decode safely and pass through (e.g. "fine_txt.npy").
         fine_members: precomputed features to batch, a subset of ("fine_img", "fine_txt"): adds
-            batch[m] float32 [B, n, d] (rows L2-normalised, padding zero) and batch[m + "_mask"]
+            batch[m] float16 [B, n, d] (rows L2-normalised, padding zero) and batch[m + "_mask"]
             bool [B, n]; a sample lacking a valid member is a counted skip (data/fine.py).
         fine_tokens: n, the rows per sample (first valid rows kept, then zero padding): an int
             for every member or {member: n}; default: "tokens" of fine.json beside the shards.
             Fixed, not the batch maximum, so that every rank all-gathers the same shape.
+        pin_memory: copy batches into pinned memory (the trainer sets it on CUDA, so that the
+            host-to-device copy is asynchronous).
+        prefetch_bytes: shared-memory budget of this rank's prefetched batches (module docstring).
+
+    Batches carry uint8 images; normalise them on the device with
+    data.transforms.images_on_device(batch["images"], device, loader.mean, loader.std).
     """
     shardset = _shardset(data, weights)
     fine = resolve_fine(shardset.shards, fine_members, fine_tokens)
@@ -136,14 +183,14 @@ def make_train_loader(data: str | Sequence[str], tokenizer: Tokenizer, *, batch_
         max_fail_fraction=max_fail_fraction, min_fail_samples=min_fail_samples, extra=extra, fine=fine)
     dataset.epoch = epoch
     num_batches = worker_batches * readers
-    return Loader(dataset, num_workers, num_batches, num_batches * global_batch, pin_memory)
+    return Loader(dataset, num_workers, num_batches, num_batches * global_batch, pin_memory, prefetch_bytes)
 
 
 def make_eval_loader(data: str | Sequence[str], tokenizer: Tokenizer | None, *, batch_size: int, image_size: int,
                      mean: Sequence[float], std: Sequence[float], rank: int = 0, world_size: int = 1,
                      num_workers: int = 2, with_labels: bool = False, require_text: bool = True,
                      max_fail_fraction: float = 0.05, extra: Sequence[str] = (),
-                     pin_memory: bool = False) -> Loader:
+                     pin_memory: bool = False, prefetch_bytes: int = PREFETCH_BYTES) -> Loader:
     """Every sample of the shards once (this rank's share), in shard order, last batch partial.
 
     Batches carry texts (and labels when `with_labels`, read from `{key}.cls` members) on top of
@@ -162,4 +209,4 @@ def make_eval_loader(data: str | Sequence[str], tokenizer: Tokenizer | None, *, 
         # Exact when every worker's share fills whole batches but the last; an upper bound otherwise.
         num_batches = sum(math.ceil(sum(shardset.sizes[i] for i in range(w, len(shardset.shards), max(1, num_workers)))
                                     / batch_size) for w in range(max(1, num_workers)))
-    return Loader(dataset, num_workers, num_batches, total, pin_memory)
+    return Loader(dataset, num_workers, num_batches, total, pin_memory, prefetch_bytes)

@@ -6,13 +6,14 @@ Batches are built in the worker, so the main process only receives finished tens
 worker of every rank yields the same number of batches per epoch, so ranks stay in step (a rank
 that ran out of data early would leave the others waiting in a collective).
 
-Batch dict (train):  images FloatTensor [B,3,S,S], input_ids LongTensor [B,L],
+Batch dict (train):  images ByteTensor [B,3,S,S] (uint8 pixels: normalise on the device with
+                     data.transforms.images_on_device), input_ids LongTensor [B,L],
                      attention_mask BoolTensor [B,L], keys list[str],
                      skipped LongTensor [] (samples this worker skipped since its previous batch;
                      summing it over batches and ranks gives the run's skip count).
 Eval batches add texts list[str] and, with labels, labels LongTensor [B]; extra members requested
 by extension are passed through as lists. Precomputed fine-grained members asked for with
-`fine` add fine_img / fine_txt FloatTensor [B,n,d] and fine_img_mask / fine_txt_mask BoolTensor
+`fine` add fine_img / fine_txt HalfTensor [B,n,d] and fine_img_mask / fine_txt_mask BoolTensor
 [B,n] (format, validity rule and the fixed n: data/fine.py).
 """
 
@@ -25,12 +26,11 @@ from typing import Iterator, Sequence
 
 import torch
 
-from data.decode import SampleError, decode_sample
+from data.decode import IMAGE_EXTS, SampleError, decode_sample
 from data.fine import decode_fine, pack_fine
 from data.shards import ShardSet
 from data.tario import SkipLog, iter_tar_groups
 from data.tokenizer import Tokenizer
-from data.transforms import normalize_batch
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -93,7 +93,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                 return
             if sum(log.ok.values()) == good_before:  # decoding keeps pace: the pass is fully decoded
                 raise RuntimeError(f"{log.where}: none of its shards in epoch {self.epoch} gave a usable sample "
-                                   f"(unreadable: {sorted(log.unreadable)[:5]}; skipped: {dict(log.reasons)}).")
+                                   f"(unreadable: {sorted(log.unreadable)[:5]}; dropped as broken: {sorted(log.dropped)[:5]}; "
+                                   f"skipped: {dict(log.reasons)}). Drop or repair these shards.")
             # Only reached when this worker's shards hold fewer samples than its quota (sizes
             # unknown, uneven shards, or skipped samples). Re-reading them keeps every rank at
             # the same step count, at the price of a few repeated samples.
@@ -101,18 +102,34 @@ class ShardStream(torch.utils.data.IterableDataset):
                 warnings.warn(f"{log.where}: its shards ran out before {self.worker_batches} batches in "
                               f"epoch {self.epoch}; re-reading them to fill the epoch.", RuntimeWarning)
 
+    def wanted_members(self) -> set[str]:
+        """Extensions the batches use; the tar reader leaves every other member unread."""
+        wanted = set(IMAGE_EXTS) | {"txt"} | set(self.extra) | {f"{member}.npy" for member in self.fine}
+        return wanted | {"cls"} if self.with_labels else wanted
+
     def read_shards(self, indices: Iterator[int], log: SkipLog) -> Iterator[dict]:
-        unreadable_run = 0
+        unreadable_run, wanted = 0, self.wanted_members()
         for index in indices:
-            produced = False
-            for group in iter_tar_groups(self.shardset.shards[index], log):
-                produced = True
-                yield group
+            url, produced = self.shardset.shards[index], False
+            if not log.is_dropped(url):      # a shard judged broken earlier is not read again
+                log.started(url)
+                groups = iter_tar_groups(url, log, wanted)
+                try:
+                    for group in groups:
+                        produced = True
+                        log.queued(url)
+                        yield group
+                        if log.is_dropped(url):  # judged broken while being read: skip the rest unread
+                            break
+                finally:
+                    groups.close()               # closes the shard's stream now, not at garbage collection
+                log.finished(url)
             unreadable_run = 0 if produced else unreadable_run + 1
             # Resampled draws over shards that all fail would otherwise spin forever.
             if unreadable_run > 2 * len(self.shardset.shards) + 10:
-                raise RuntimeError(f"{log.where}: the last {unreadable_run} shards read were all unreadable "
-                                   f"({sorted(log.unreadable)[:5]} ...). Check the paths and permissions.")
+                raise RuntimeError(f"{log.where}: the last {unreadable_run} shards drawn gave no sample: unreadable "
+                                   f"{sorted(log.unreadable)[:5]}, dropped as broken {sorted(log.dropped)[:5]}. "
+                                   "Check the paths and permissions, or drop the broken shards.")
 
     def decoded(self, groups: Iterator[dict], log: SkipLog) -> Iterator[dict]:
         draft = getattr(self.transform, "draft_size", None)
@@ -136,10 +153,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         if info is not None and info.num_workers != self.num_workers:
             raise RuntimeError(f"ShardStream was built for {self.num_workers} workers but runs in "
                                f"{info.num_workers}; build it through make_train_loader/make_eval_loader.")
-        log = SkipLog(self.max_fail_fraction, self.min_fail_samples, f"rank {self.rank} worker {worker}")
+        # Training judges shards one by one (SkipLog's per_shard says why); an eval set, read once
+        # and whole, is judged over all its samples: a broken shard there would bias the metrics.
+        log = SkipLog(self.max_fail_fraction, self.min_fail_samples, f"rank {self.rank} worker {worker}",
+                      per_shard=self.mode != "eval")
         rng = random.Random(f"samples:{self.seed}:{self.epoch}:{self.rank}:{worker}")
         yield from self.batches(self.decoded(self.raw_samples(worker, log, rng), log), log, rng)
-        log.check()
+        if self.mode == "eval":
+            log.check()
 
     # batches -------------------------------------------------------------------------------
     def batches(self, stream: Iterator[dict], log: SkipLog, rng: random.Random) -> Iterator[dict]:
@@ -168,8 +189,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield self.collate(chunk, log, rng)
 
     def collate(self, chunk: list[dict], log: SkipLog, rng: random.Random) -> dict:
-        images = torch.stack([self.transform(s["image"], rng) for s in chunk])  # (B, 3, S, S) uint8
-        batch = {"images": normalize_batch(images, self.mean, self.std)}
+        # uint8 (B, 3, S, S): normalised on the device, after the copy (data/transforms.py)
+        batch = {"images": torch.stack([self.transform(s["image"], rng) for s in chunk])}
         texts = [s["text"] if s["text"] is not None else "" for s in chunk]
         if self.tokenizer is not None:  # eval sets read for their images and labels need none
             batch["input_ids"], batch["attention_mask"] = self.tokenizer(texts)

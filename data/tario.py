@@ -20,7 +20,7 @@ import re
 import tarfile
 import warnings
 import zlib
-from typing import Iterator
+from typing import Collection, Iterator
 
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
@@ -43,34 +43,96 @@ class SkipLog:
     """Counts per shard for one DataLoader worker.
 
     Args:
-        max_fail_fraction: stop with an error once bad / seen exceeds this ...
-        min_samples: ... after at least this many samples (so the first bad sample of a run cannot
-            trip it). At the end of a worker's stream the check runs whatever the count.
+        max_fail_fraction: the bound on failed samples ...
+        min_samples: ... checked once this many samples were seen (so the first bad sample of a run
+            cannot trip it). At the end of a worker's stream the check runs whatever the count.
         where: words naming the worker in messages, e.g. "rank 0 worker 1".
+        per_shard: judge each shard on its own instead of the worker's running total (training).
+            A worker of a large job reads only a few shards, so its running total mostly measures
+            the one shard it is in: one corrupt shard would stop a 128-GPU run. Instead a shard
+            whose failures pass max_fail_fraction (judged once min_samples of it were seen, or once
+            all of it is decoded) is dropped for the rest of the run with a warning naming it, and
+            the worker stops only when at least two of the shards it has read were dropped and
+            they are more than max_fail_fraction of them: a broken dataset, not a broken shard.
+            The error lists the shards to drop.
     """
 
-    def __init__(self, max_fail_fraction: float = 0.05, min_samples: int = 256, where: str = "worker"):
+    def __init__(self, max_fail_fraction: float = 0.05, min_samples: int = 256, where: str = "worker",
+                 per_shard: bool = False):
         if not 0.0 <= max_fail_fraction <= 1.0:
             raise ValueError(f"max_fail_fraction={max_fail_fraction} must lie in [0, 1].")
         self.max_fail_fraction = max_fail_fraction
         self.min_samples = min_samples
         self.where = where
+        self.per_shard = per_shard
         self.ok = collections.Counter()
         self.bad = collections.Counter()
         self.reasons = collections.Counter()
+        self.shard_reasons: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.unreadable: dict[str, str] = {}
+        self.dropped: dict[str, str] = {}          # shard -> why it was dropped (per_shard mode)
+        self.pending = collections.Counter()       # samples read from a shard but not yet decoded
+        self.reading: set[str] = set()             # shards whose reading has not finished
         self.since_batch = 0
 
+    # per-sample verdicts -------------------------------------------------------------------------
     def good(self, shard: str) -> None:
         self.ok[shard] += 1
+        self._decoded(shard)
 
-    def skip(self, shard: str, reason: str, n: int = 1) -> None:
+    def skip(self, shard: str, reason: str, n: int = 1, decoded: bool = True) -> None:
+        """`decoded=False` for a failure found by the tar reader itself (no queued sample)."""
         self.bad[shard] += n
         self.reasons[reason] += n
+        self.shard_reasons[shard][reason] += n
         self.since_batch += n
-        seen = sum(self.ok.values()) + sum(self.bad.values())
-        if seen >= self.min_samples:
+        if decoded:
+            self._decoded(shard)
+        if self.per_shard:
+            self._judge(shard)
+        elif sum(self.ok.values()) + sum(self.bad.values()) >= self.min_samples:
             self.check()
+
+    # per-shard bookkeeping (the pipeline calls these around each read of a shard) -----------------
+    def started(self, shard: str) -> None:
+        self.reading.add(shard)
+
+    def queued(self, shard: str) -> None:
+        self.pending[shard] += 1
+
+    def finished(self, shard: str) -> None:
+        self.reading.discard(shard)
+        self._judge(shard)
+
+    def _decoded(self, shard: str) -> None:
+        if self.pending[shard] > 0:
+            self.pending[shard] -= 1
+        if self.per_shard and self.pending[shard] == 0 and shard not in self.reading:
+            self._judge(shard)
+
+    def _judge(self, shard: str) -> None:
+        if not self.per_shard or shard in self.dropped:
+            return
+        seen = self.ok[shard] + self.bad[shard]
+        complete = shard not in self.reading and self.pending[shard] == 0
+        if not (complete or seen >= self.min_samples) or self.bad[shard] <= self.max_fail_fraction * seen:
+            return
+        reasons = ", ".join(f"{r}: {n}" for r, n in self.shard_reasons[shard].most_common(3))
+        self.dropped[shard] = f"{self.bad[shard]} bad / {seen} ({reasons})"
+        read = len(set(self.ok) | set(self.bad))
+        if len(self.dropped) >= 2 and len(self.dropped) > self.max_fail_fraction * read:
+            raise RuntimeError(
+                f"{self.where}: {len(self.dropped)} of the {read} shards it read had more than max_fail_fraction="
+                f"{self.max_fail_fraction} of their samples fail: " + "; ".join(
+                    f"{s} ({why})" for s, why in list(self.dropped.items())[:20])
+                + ". Drop these shards from the training data (or repair them), or raise max_fail_fraction "
+                "if this failure rate is expected.")
+        warnings.warn(f"{self.where}: shard {shard!r} has {self.dropped[shard]} failed samples (more than "
+                      f"max_fail_fraction={self.max_fail_fraction}); it is skipped from now on. Drop it from the "
+                      "training data.", RuntimeWarning, stacklevel=2)
+
+    def is_dropped(self, shard: str) -> bool:
+        return shard in self.dropped
 
     def unreadable_shard(self, shard: str, exc: BaseException) -> None:
         if shard not in self.unreadable:  # one warning per shard and worker, not one per epoch
@@ -84,6 +146,7 @@ class SkipLog:
         return n
 
     def check(self) -> None:
+        """The worker-wide bound (eval sets, and the end of a non-per-shard stream)."""
         bad = sum(self.bad.values())
         seen = bad + sum(self.ok.values())
         if seen and bad / seen > self.max_fail_fraction:
@@ -96,8 +159,12 @@ class SkipLog:
                 "shards, or raise max_fail_fraction if this failure rate is expected.")
 
 
-def iter_tar_groups(url: str, log: SkipLog) -> Iterator[dict]:
+def iter_tar_groups(url: str, log: SkipLog, wanted: Collection[str] | None = None) -> Iterator[dict]:
     """Samples of one shard as dicts {"__key__", "__url__", ext: bytes, ...}.
+
+    `wanted`: the extensions the caller uses (None: all). Other members are never read into memory:
+    a streamed tar passes over their bytes a block at a time (a shard of 1 MB `.json` or `.npy`
+    members the run does not use would otherwise cost 1 MB of allocation per sample).
 
     A shard that cannot be opened is reported to `log` and yields nothing. A shard that breaks
     part-way (truncated download, bad header) yields the complete samples before the break; the
@@ -119,16 +186,18 @@ def iter_tar_groups(url: str, log: SkipLog) -> Iterator[dict]:
                 key, ext = split_member_name(member.name)
                 if key is None:
                     continue
-                reading = key
-                data = tar.extractfile(member).read()
-                if len(data) != member.size:
-                    raise tarfile.ReadError(f"member {member.name} is {len(data)} of {member.size} bytes")
-                reading = None
                 if current is not None and current["__key__"] != key:
                     yield current
                     current = None
                 if current is None:
                     current = {"__key__": key, "__url__": url}
+                if wanted is not None and ext not in wanted:
+                    continue
+                reading = key
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"member {member.name} is {len(data)} of {member.size} bytes")
+                reading = None
                 current[ext] = data
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         if current is None and reading is None and not log.ok[url] and not log.bad[url]:
@@ -139,7 +208,7 @@ def iter_tar_groups(url: str, log: SkipLog) -> Iterator[dict]:
                       f"{exc}); the rest of it is skipped.", RuntimeWarning, stacklevel=2)
         if current is not None and reading != current["__key__"]:
             yield current  # complete as far as we know; decoding checks it like any other sample
-        log.skip(url, "truncated tar")
+        log.skip(url, "truncated tar", decoded=False)
         return
     finally:
         stream.close()
@@ -150,7 +219,7 @@ def iter_tar_groups(url: str, log: SkipLog) -> Iterator[dict]:
 def iter_tar_texts(url: str) -> Iterator[str]:
     """The `.txt` captions of one shard (for tokenizer training); undecodable ones are dropped."""
     log = SkipLog(max_fail_fraction=1.0, where=os.path.basename(url))
-    for group in iter_tar_groups(url, log):
+    for group in iter_tar_groups(url, log, wanted=("txt",)):
         raw = group.get("txt")
         if raw is not None:
             try:

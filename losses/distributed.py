@@ -36,18 +36,24 @@ def all_gather_with_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def all_gather_no_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
-    """All-gather of values only (used for the features that build soft targets)."""
+    """All-gather of values only (used for the features that build soft targets).
+
+    The result keeps ``x``'s dtype and device (fp16 features are gathered as fp16, half the
+    bytes of fp32) and is written by one collective straight into one preallocated
+    [world_size * b, ...] buffer: no per-rank list and no concatenation, so the gather holds
+    exactly one copy of the gathered columns (at detector shapes, 36 x 2048 fp16 per sample,
+    4.5 GiB at N = 32,768 instead of the 18 GiB a list plus a concatenation in fp32 held).
+    """
     if _single_process(world_size):
         return x
     x = x.detach().contiguous()
-    # gloo has no bool all-gather; masks travel as uint8 and come back as bool.
+    # gloo has no bool all-gather; masks travel as uint8 (a view, same bytes) and come back as bool.
     is_bool = x.dtype == torch.bool
     if is_bool:
-        x = x.to(torch.uint8)
-    parts = [torch.empty_like(x) for _ in range(world_size)]
-    dist.all_gather(parts, x)
-    out = torch.cat(parts, dim=0)
-    return out.bool() if is_bool else out
+        x = x.view(torch.uint8)
+    out = x.new_empty((world_size * x.shape[0], *x.shape[1:]))
+    dist.all_gather_single(out, x)
+    return out.view(torch.bool) if is_bool else out
 
 
 def all_gather_keep_local_grad(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:

@@ -56,7 +56,9 @@ def fine_similarity(x, mask=None, x_all=None, mask_all=None, chunk_bytes: int = 
     Args:
         x: [n, K, D] token features of the rows; mask: [n, K] bool validity (None = all valid).
         x_all, mask_all: [N, M, D] and [N, M] for the columns; default to ``x`` and ``mask``.
-        chunk_bytes: bound on the [n, K, c, M] similarity block kept at once.
+        chunk_bytes: bound on the working memory of one block of c columns (the [n, K, c, M]
+            similarity and the block filled and upcast to fp32). ``x_all`` may be fp16/bf16
+            (gathered precomputed features): it is read a block at a time, never copied whole.
     Returns:
         [n, N] fp32 tensor. For L2-normalised features f(i, i) = 1, each row's maximum.
     """
@@ -67,24 +69,30 @@ def fine_similarity(x, mask=None, x_all=None, mask_all=None, chunk_bytes: int = 
                          f"dim on both sides; got {tuple(x.shape)} and {tuple(x_all.shape)}.")
     mask = _valid_mask(x, mask, "mask")
     mask_all = _valid_mask(x_all, mask_all, "mask_all")
-    x, x_all = at_least_fp32(x), at_least_fp32(x_all)
-    (n, K, _), (N, M, _) = x.shape, x_all.shape
+    (n, K, D), (N, M, _) = x.shape, x_all.shape
+    dtype = at_least_fp32(x).dtype                      # fp32 for half inputs (fp64 stays fp64)
 
     # Masking without a masking pass: each invalid token is replaced by a copy of a valid
     # token of the same sample. A max over a sample's tokens is then unchanged (duplicates
     # cannot raise it), so one plain matmul and two plain max-reductions give the masked
     # maxima exactly; the means below give the copies weight 0. (Folding the masks in as
     # two extra coordinates of D also works, but the odd width D+2 halved the matmul rate.)
-    rows = _fill_invalid(x, mask).reshape(n * K, -1)
-    cols = _fill_invalid(x_all, mask_all)
-    w_rows = mask.to(x.dtype) / mask.sum(1, keepdim=True)          # [n, K] weights of the mean over k
-    w_cols = mask_all.to(x.dtype) / mask_all.sum(1, keepdim=True)  # [N, M] weights of the mean over m
+    rows = _fill_invalid(x.to(dtype), mask).reshape(n * K, D)
+    w_rows = mask.to(dtype) / mask.sum(1, keepdim=True)          # [n, K] weights of the mean over k
+    w_cols = mask_all.to(dtype) / mask_all.sum(1, keepdim=True)  # [N, M] weights of the mean over m
 
-    out = x.new_empty(n, N)
-    step = max(1, chunk_bytes // (4 * n * K * M))
+    # The N columns stay in their own (gathered, often fp16) dtype: only the block of c columns in
+    # use is upcast and filled, so nothing of size N x M x D is copied and the working memory is
+    # bounded by chunk_bytes whatever N is (both the [n, K, c, M] similarity and the c columns).
+    out = torch.empty(n, N, dtype=dtype, device=x.device)
+    itemsize = torch.finfo(dtype).bits // 8
+    per_column = itemsize * n * K * M + (itemsize + x_all.element_size()) * M * D   # similarity + filled block
+    step = max(1, chunk_bytes // per_column)
     for j in range(0, N, step):
         c = min(step, N - j)
-        sim = (rows @ cols[j:j + c].reshape(c * M, -1).T).view(n, K, c, M)
+        # filled in the stored dtype, then upcast: one half-size temporary, not a second fp32 copy
+        cols = _fill_invalid(x_all[j:j + c], mask_all[j:j + c]).to(dtype)      # [c, M, D]
+        sim = (rows @ cols.reshape(c * M, D).T).view(n, K, c, M)
         best_in_j = sim.amax(dim=3)                              # [n, K, c]: each token of i
         best_in_i = sim.amax(dim=1)                              # [n, c, M]: each token of j
         out[:, j:j + c] = 0.5 * (torch.einsum("nkc,nk->nc", best_in_j, w_rows)

@@ -18,13 +18,11 @@ from torch import nn
 
 from losses import ClipLoss, SoftCLIPLoss
 from pretrain import schedule
+from pretrain.batches import batch_to_device
 from pretrain.config import FINE_MEMBER, TrainConfig
 from pretrain.logit_scale import clamp_logit_scale_
 from pretrain.nonfinite import gradients_finite, poison_gradient, skip_step
 from pretrain.teacher import EMA, teacher_tokens
-
-
-FINE_KEYS = ("fine_img", "fine_img_mask", "fine_txt", "fine_txt_mask")
 
 
 class TrainTask(nn.Module):
@@ -185,9 +183,8 @@ def train(engine, data, cfg: TrainConfig, state: TrainState, log, stop, on_step_
             # compute losses
             batch = next(data)
             state.samples_seen += cfg.micro_batch * world
-            fine = {k: batch[k].to(device, non_blocking=True) for k in FINE_KEYS if k in batch}
-            terms = engine(batch["images"].to(device, non_blocking=True),
-                           batch["input_ids"].to(device, non_blocking=True), step=state.step, fine=fine or None)
+            images, input_ids, fine = batch_to_device(batch, device, engine.module.model.config.vision)
+            terms = engine(images, input_ids, step=state.step, fine=fine)
             loss = terms["loss"]
             if _inject_nan(cfg.debug_nan, state.step + 1, bad_run):
                 loss = loss * float("nan")

@@ -82,8 +82,7 @@ class FolderLoader:
 
     def __init__(self, root: str, model_cfg, batch_size: int, rank: int, world_size: int, workers: int):
         from torchvision.datasets import ImageFolder
-        from data.transforms import EvalTransform, normalize_batch
-        from data.transforms import to_rgb
+        from data.transforms import EvalTransform, to_rgb
         v = model_cfg.vision
         tf = EvalTransform(v.image_size)
         ds = ImageFolder(root, transform=lambda img: tf(to_rgb(img)))
@@ -92,11 +91,10 @@ class FolderLoader:
         self.loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=batch_size,
                                                   num_workers=workers,
                                                   worker_init_fn=_ignore_stop_signals if workers else None)
-        self.norm = lambda x: normalize_batch(x, v.mean, v.std)
 
     def __iter__(self):
-        for images, labels in self.loader:
-            yield {"images": self.norm(images), "labels": labels}
+        for images, labels in self.loader:   # uint8, normalised on the device (evaluate.embed_pairs)
+            yield {"images": images, "labels": labels}
 
 
 class EvalRunner:

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from data.transforms import images_on_device
+
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a photo of the {}.")
 
 
@@ -116,8 +118,9 @@ def text_classifier(model, tokenizer, classnames: Sequence[str], templates: Sequ
 def embed_pairs(model, loader, device, dummy, images=True, texts=True, labels=False) -> dict:
     """Embed every sample of this rank's share, in lockstep with the other ranks; gathered."""
     out = {"image": [], "text": [], "labels": []}
+    v = model.config.vision  # loaders send uint8 images: normalised on the device, as in training
     for batch, real in lockstep(loader, dummy, device):
-        img = model.encode_image(batch["images"].to(device)).float().cpu() if images else None
+        img = model.encode_image(images_on_device(batch["images"], device, v.mean, v.std)).float().cpu() if images else None
         txt = model.encode_text(batch["input_ids"].to(device)).float().cpu() if texts else None
         if not real:
             continue
@@ -142,7 +145,7 @@ def make_dummy(model_config) -> Callable[[], dict]:
     def dummy() -> dict:
         ids = torch.full((1, t.context_length), t.pad_id, dtype=torch.long)
         ids[0, 0], ids[0, 1] = t.bos_id, t.eos_id
-        return {"images": torch.zeros(1, 3, v.image_size, v.image_size), "input_ids": ids}
+        return {"images": torch.full((1, 3, v.image_size, v.image_size), 128, dtype=torch.uint8), "input_ids": ids}
     return dummy
 
 

@@ -82,7 +82,7 @@ def test_reads_img2dataset_layout(shards, tok):
     texts = {k: t for b in batches for k, t in zip(b["keys"], b["texts"])}
     assert texts == captions
     b = batches[0]
-    assert b["images"].dtype == torch.float32 and b["images"].shape == (10, 3, 24, 24)
+    assert b["images"].dtype == torch.uint8 and b["images"].shape == (10, 3, 24, 24)  # normalised on the device
     assert b["input_ids"].dtype == torch.long and b["input_ids"].shape == (10, 77)
     assert b["attention_mask"].dtype == torch.bool and torch.equal(b["attention_mask"], b["input_ids"] != 0)
     assert torch.equal(b["input_ids"], tok(b["texts"])[0])

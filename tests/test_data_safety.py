@@ -124,9 +124,13 @@ def test_too_many_failures_stop_with_worst_shards_named(tmp_path, tok):
     kw = dict(batch_size=4, image_size=16, mean=MEAN, std=STD, num_workers=0)
     with pytest.raises(RuntimeError, match=r"00001\.tar \(20 bad / 20\).*corrupt image: 20"):
         list(make_eval_loader(pattern, tok, max_fail_fraction=0.1, **kw))
-    with pytest.raises(RuntimeError, match=r"00001\.tar"):  # also inside DataLoader workers, mid-run
-        list(make_train_loader(pattern, tok, num_samples=40, resampled=False, max_fail_fraction=0.1,
-                               min_fail_samples=8, **dict(kw, num_workers=1)))
+    # Training judges shards one by one (tests/test_corrupt_shards.py): one broken shard is dropped,
+    # a second one among the few this worker read stops it, inside a DataLoader worker, naming both.
+    write_shard(tmp_path / "00002.tar", [{"__key__": f"00002{i:04d}", "png": b"broken", "txt": b"x"}
+                                         for i in range(20)])
+    with pytest.raises(RuntimeError, match=r"2 of the [23] shards.*0000[12]\.tar \(8 bad / 8 .*0000[12]\.tar.*Drop these"):
+        list(make_train_loader(str(tmp_path / "{00000..00002}.tar"), tok, num_samples=60, resampled=False,
+                               max_fail_fraction=0.1, min_fail_samples=8, **dict(kw, num_workers=1)))
 
 
 def test_all_shards_missing_is_an_error(tmp_path, tok):

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from data.transforms import images_on_device
 from pretrain import evaluate as ev
 
 
@@ -86,8 +87,11 @@ def test_dummy_batch_is_accepted_by_the_model():
     from models import create_model
     model = create_model("tiny-test", vocab_size=64).eval()
     batch = ev.make_dummy(model.config)()
+    v = model.config.vision
+    assert batch["images"].dtype == torch.uint8      # like a loader's batch: it takes the same path
     with torch.no_grad():
-        assert model.encode_image(batch["images"]).shape == (1, model.config.embed_dim)
+        images = images_on_device(batch["images"], "cpu", v.mean, v.std)
+        assert model.encode_image(images).shape == (1, model.config.embed_dim)
         assert model.encode_text(batch["input_ids"]).shape == (1, model.config.embed_dim)
 
 
