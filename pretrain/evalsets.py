@@ -28,6 +28,7 @@ class EvalSet:
     data: str                 # shard pattern or folder
     classnames: tuple = ()
     templates: tuple = ()
+    multi_caption: bool = False  # retrieval: each line of a sample's text is one caption (clip_benchmark)
 
 
 def _lines(path: Path) -> tuple:
@@ -49,14 +50,28 @@ def embedded_root(spec: str):
 
 
 def resolve(zeroshot: str, retrieval: str) -> list[EvalSet]:
+    """The eval sets of the two flags; each may join several specs with commas (pretrain/benchmarks.py)."""
+    from pretrain.benchmarks import benchmark_sets, is_benchmark, split_specs
     sets = []
-    if (root := embedded_root(zeroshot)) is not None:
+    for kind, value in (("zeroshot", zeroshot), ("retrieval", retrieval)):
+        for spec in split_specs(value):
+            if is_benchmark(spec):
+                sets += benchmark_sets(spec, kind)
+            else:
+                sets += _resolve_one(kind, spec)
+    return sets
+
+
+def _resolve_one(kind: str, spec: str) -> list[EvalSet]:
+    sets = []
+    if kind == "zeroshot" and (root := embedded_root(spec)) is not None:
         from data.embedded.build import shard_pattern
         from data.evalsets import ZEROSHOT_SETS
         for name in EMBEDDED_ZEROSHOT:
             shard_set, names, templates = ZEROSHOT_SETS[name]
             sets.append(EvalSet("zeroshot", name, shard_pattern(shard_set, root), tuple(names), tuple(templates)))
-    elif zeroshot != "none":
+    elif kind == "zeroshot" and spec != "none":
+        zeroshot = spec
         root = Path(zeroshot)
         folder = root if root.is_dir() and not list(root.glob("*.tar")) else None
         meta = root if root.is_dir() else Path(zeroshot.split("{")[0]).parent
@@ -67,13 +82,13 @@ def resolve(zeroshot: str, retrieval: str) -> list[EvalSet]:
                                     f"(one per line, in label order) beside the shards.")
         templates = _lines(meta / "templates.txt") if (meta / "templates.txt").is_file() else DEFAULT_TEMPLATES
         sets.append(EvalSet("zeroshot", root.name or "zeroshot", zeroshot, names, templates))
-    if (root := embedded_root(retrieval)) is not None:
+    if kind == "retrieval" and (root := embedded_root(spec)) is not None:
         from data.embedded.build import shard_pattern
         from data.evalsets import RETRIEVAL_SETS
         for name in EMBEDDED_RETRIEVAL:
             sets.append(EvalSet("retrieval", name, shard_pattern(RETRIEVAL_SETS[name], root)))
-    elif retrieval != "none":
-        sets.append(EvalSet("retrieval", Path(retrieval.split("{")[0]).parent.name or "retrieval", retrieval))
+    elif kind == "retrieval" and spec != "none":
+        sets.append(EvalSet("retrieval", Path(spec.split("{")[0]).parent.name or "retrieval", spec))
     return sets
 
 
@@ -140,18 +155,24 @@ class EvalRunner:
                                 world_size=self.env.world_size, num_workers=min(1, self.cfg.workers),
                                 with_labels=s.kind == "zeroshot", require_text=s.kind == "retrieval"))
 
-    def run(self, engine, step: int) -> dict:
-        """Collective: every rank evaluates its share; returns {"step", "<set>/<metric>": value}."""
-        model = engine.module.model
-        engine.eval()
+    def measure(self, model, device) -> dict:
+        """Collective: every rank evaluates its share of every set; {"<set>/<metric>": value}."""
         flat = {}
         for s in self.sets:
             if s.kind == "zeroshot":
                 r = ev.zeroshot(model, self.tokenizer, self.batches(s), s.classnames, s.templates,
-                                engine.device, self.model_cfg, self.cfg.eval_batch_size)
+                                device, self.model_cfg, self.cfg.eval_batch_size)
+            elif s.multi_caption:
+                r = ev.retrieval_captions(model, self.tokenizer, self.batches(s), device, self.model_cfg)
             else:
-                r = ev.retrieval(model, self.batches(s), engine.device, self.model_cfg)
+                r = ev.retrieval(model, self.batches(s), device, self.model_cfg)
             flat.update({f"{s.name}/{k}": v for k, v in r.items()})
+        return flat
+
+    def run(self, engine, step: int) -> dict:
+        """Collective: every rank evaluates its share; returns {"step", "<set>/<metric>": value}."""
+        engine.eval()
+        flat = self.measure(engine.module.model, engine.device)
         engine.train()
         self.log.log(step, flat, kind="eval")
         shown = ", ".join(f"{k} {v:.3f}" for k, v in flat.items()

@@ -159,3 +159,32 @@ def zeroshot(model, tokenizer, loader, classnames, templates, device, model_conf
 def retrieval(model, loader, device, model_config) -> dict:
     got = embed_pairs(model, loader, device, make_dummy(model_config))
     return {**retrieval_recall(got["image"], got["text"]), "n": int(got["image"].shape[0])}
+
+
+@torch.no_grad()
+def retrieval_captions(model, tokenizer, loader, device, model_config) -> dict:
+    """Retrieval where each line of a sample's text is one of its captions (clip_benchmark's Flickr30k
+    and MSCOCO: 5 per image). One image and one text forward per lockstep round, as ZeRO-3 needs."""
+    dummy = make_dummy(model_config)
+    images, texts, counts = [], [], []
+    for batch, real in lockstep(loader, dummy):
+        captions = [[c.strip() for c in t.splitlines() if c.strip()] for t in batch["texts"]] if real else []
+        ids = tokenizer([c for cs in captions for c in cs])[0] if real else batch["input_ids"]
+        img = model.encode_image(batch["images"].to(device)).float().cpu()
+        txt = model.encode_text(ids.to(device)).float().cpu()
+        if real:
+            images.append(img)
+            texts.append(txt)
+            counts += [len(cs) for cs in captions]
+    image = gather_cat(torch.cat(images) if images else torch.empty(0))
+    text = gather_cat(torch.cat(texts) if texts else torch.empty(0))
+    per_image = gather_cat(torch.tensor(counts, dtype=torch.long))  # same rank order as the embeddings
+    image_of_text = torch.repeat_interleave(torch.arange(len(per_image)), per_image)
+    return {**retrieval_recall(image, text, image_of_text=image_of_text), "n": int(image.shape[0]),
+            "n_texts": int(text.shape[0])}
+
+
+if __name__ == "__main__":  # python -m pretrain.evaluate: the command line lives in pretrain/eval_cli.py
+    import sys
+    from pretrain.eval_cli import main
+    sys.exit(main())

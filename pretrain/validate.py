@@ -217,11 +217,7 @@ def check_data_and_model(raw: dict, resume: str | None, env, problems: list[str]
     else:
         _check_vocab(raw["model"], tok_dir, problems)
     for flag in ("zeroshot_data", "retrieval_data"):
-        v = str(raw[flag])
-        if v.startswith("embedded:") and not (Path(v[len("embedded:"):]) / "manifest.json").is_file():
-            problems.append(f"--{flag.replace('_', '-')} {v}: no embedded build there (python -m data.embedded --out DIR).")
-        elif v not in ("embedded", "none") and not v.startswith("embedded:") and not _is_remote(v) and not all(map(os.path.exists, expand_shards(v) or [v])):
-            problems.append(f"--{flag.replace('_', '-')} {v}: not found; give a path, 'embedded' or 'none'.")
+        problems += check_eval_data(flag, str(raw[flag]))
     if resume not in (None, "latest") and not Path(resume).is_dir():
         problems.append(f"--resume {resume}: no such checkpoint directory; give a tag directory "
                         f"(RUN/checkpoints/step_00000100) or 'latest'.")
@@ -233,6 +229,22 @@ def check_data_and_model(raw: dict, resume: str | None, env, problems: list[str]
         probe.unlink()
     except OSError as e:
         problems.append(f"--output-dir {out} is not writable ({e.strerror}); choose another directory.")
+
+
+def check_eval_data(flag: str, value: str) -> list[str]:
+    """Problems with --zeroshot-data / --retrieval-data (comma-joined specs; pretrain/benchmarks.py)."""
+    from pretrain.benchmarks import check_spec, is_benchmark, split_specs
+    problems = check_spec(flag, value)  # imagenet:PATH, clip_benchmark:ROOT
+    for v in (s for s in split_specs(value) if not is_benchmark(s)):
+        _check_eval_path(flag, v, problems)
+    return problems
+
+
+def _check_eval_path(flag: str, v: str, problems: list[str]) -> None:
+    if v.startswith("embedded:") and not (Path(v[len("embedded:"):]) / "manifest.json").is_file():
+        problems.append(f"--{flag.replace('_', '-')} {v}: no embedded build there (python -m data.embedded --out DIR).")
+    elif v not in ("embedded", "none") and not v.startswith("embedded:") and not _is_remote(v) and not all(map(os.path.exists, expand_shards(v) or [v])):
+        problems.append(f"--{flag.replace('_', '-')} {v}: not found; give a path, 'embedded' or 'none'.")
 
 
 def vocab_override(model: str, vocab_size: int) -> dict:

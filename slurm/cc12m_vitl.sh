@@ -74,7 +74,8 @@ WD=${WD:-0.2}
 SAVE_EVERY=${SAVE_EVERY:-500}
 EVAL_EVERY=${EVAL_EVERY:-1000}
 LOG_EVERY=${LOG_EVERY:-10}
-ZEROSHOT_DATA=${ZEROSHOT_DATA:-embedded}
+ZEROSHOT_DATA=${ZEROSHOT_DATA:-${IMAGENET_VAL:+imagenet:$IMAGENET_VAL}}  # the paper's number: IMAGENET_VAL=/data/imagenet/val
+ZEROSHOT_DATA=${ZEROSHOT_DATA:-embedded}  # a smoke test, not a benchmark (launch.sh warns)
 RETRIEVAL_DATA=${RETRIEVAL_DATA:-embedded}
 SEED=${SEED:-0}
 REPORT_TO=${REPORT_TO:-jsonl}

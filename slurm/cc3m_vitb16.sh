@@ -60,7 +60,8 @@ WD=${WD:-0.1}
 SAVE_EVERY=${SAVE_EVERY:-1ep}
 EVAL_EVERY=${EVAL_EVERY:-1ep}
 LOG_EVERY=${LOG_EVERY:-50}
-ZEROSHOT_DATA=${ZEROSHOT_DATA:-embedded}  # an ImageNet val class folder for the paper's number
+ZEROSHOT_DATA=${ZEROSHOT_DATA:-${IMAGENET_VAL:+imagenet:$IMAGENET_VAL}}  # the paper's number: IMAGENET_VAL=/data/imagenet/val
+ZEROSHOT_DATA=${ZEROSHOT_DATA:-embedded}  # a smoke test, not a benchmark (launch.sh warns)
 RETRIEVAL_DATA=${RETRIEVAL_DATA:-embedded}
 SEED=${SEED:-0}
 REPORT_TO=${REPORT_TO:-jsonl}

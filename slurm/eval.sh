@@ -1,22 +1,22 @@
 #!/bin/bash
 # Zero-shot classification and image<->text retrieval of a training run's checkpoint.
 #
-#   RUN_DIR=runs/cc12m-vitl14-123456 sbatch --nodes=16 slurm/eval.sh
-#   RUN_DIR=... TAG=step_00005000 ZEROSHOT_DATA=/data/imagenet/val sbatch --nodes=16 slurm/eval.sh
+#   RUN_DIR=runs/cc12m-vitl14-123456 sbatch --nodes=2 slurm/eval.sh
+#   RUN_DIR=... TAG=step_00005000 IMAGENET_VAL=/data/imagenet/val sbatch slurm/eval.sh
+#   RUN_DIR=... ZEROSHOT_DATA=imagenet:/data/in1k/val,imagenet-r:/data/in-r RETRIEVAL_DATA=clip_benchmark:/data/wds sbatch ...
 #
-# The checkpoint is a ZeRO-3 one: its parameters are sharded per rank, so the evaluation runs the
-# trainer itself, resumed from that tag with --steps equal to the tag's step (no optimizer step is
-# taken; the trainer's final evaluation runs on every rank and writes results.json). That needs the
-# same number of ranks as training -- checked below with the fix in the message. To evaluate on
-# any number of GPUs, export first (slurm/export.sh) and evaluate the exported model.
+# Runs `python -m pretrain.evaluate` on every rank (pretrain/eval_cli.py): rank 0 merges the ZeRO shards
+# to fp32 once, every rank loads the whole model and evaluates its share. So any number of GPUs works
+# (not only the training world size), the run's training data and flags are not needed (no training
+# feed is built), and a run trained with an EMA teacher loads like any other (only the student is kept).
 #
-# Environment: RUN_DIR (required), TAG (latest), EVAL_DIR (RUN_DIR/eval/<tag>), ZEROSHOT_DATA and
-# RETRIEVAL_DATA (default: the run's own), EVAL_BATCH_SIZE (the run's), plus the launcher's
-# SETUP_CMD PYTHON SRUN_ARGS SRUN_WAIT MASTER_PORT (slurm/lib/launch.sh). The run's training data
-# must still be readable: the trainer opens (but does not consume) its loader.
+# Environment: RUN_DIR (required), TAG (latest), EVAL_DIR (RUN_DIR/eval/<tag>), ZEROSHOT_DATA
+# (default: imagenet:$IMAGENET_VAL when IMAGENET_VAL is set, else the run's own, with a warning when that
+# is the embedded smoke-test set), RETRIEVAL_DATA (the run's own), EVAL_BATCH_SIZE (the run's), PRECISION
+# (bf16 on GPUs), plus the launcher's SETUP_CMD PYTHON SRUN_ARGS SRUN_WAIT MASTER_PORT (slurm/lib/launch.sh).
 #
 #SBATCH --job-name=eval
-#SBATCH --nodes=16
+#SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=12
@@ -38,52 +38,39 @@ check_dir RUN_DIR "$RUN_DIR"
 check_file "RUN_DIR/config.json" "$RUN_DIR/config.json" "the trainer writes it at startup; is RUN_DIR a run directory?"
 TAG=${TAG:-latest}
 
-# Which tag, its step and the world size that wrote it (pretrain.checkpoint decides what is complete).
-read -r TAG_DIR CKPT_STEP CKPT_WORLD < <("$PYTHON" - "$RUN_DIR/checkpoints" "$TAG" <<'EOF' || true
+# Which complete tag (pretrain.checkpoint decides what is complete).
+TAG_DIR=$("$PYTHON" - "$RUN_DIR/checkpoints" "$TAG" <<'EOF' || true
 import sys
 from pathlib import Path
 from pretrain import checkpoint as c
 ckpt, tag = Path(sys.argv[1]), sys.argv[2]
 d = c.find_latest(ckpt, log=lambda m: print(m, file=sys.stderr)) if tag == "latest" else ckpt / tag
-if d is None or not d.is_dir() or c.is_complete(d):
-    sys.exit(0)
-print(d, int(d.name.split("_")[1]), c.saved_world_size(d))
+if d is not None and d.is_dir() and not c.is_complete(d):
+    print(d)
 EOF
 )
 [[ -n ${TAG_DIR:-} ]] || die "no complete checkpoint $TAG in $RUN_DIR/checkpoints; give TAG=step_NNNNNNNN of a finished save, or TAG=latest."
-
 world_layout
-(( WORLD == CKPT_WORLD )) || die "checkpoint $TAG_DIR was written by $CKPT_WORLD ranks but this job has $WORLD; ZeRO-3 shards are per rank. Submit with nodes x tasks per node = $CKPT_WORLD (e.g. sbatch --nodes=$(( CKPT_WORLD / TASKS_PER_NODE > 0 ? CKPT_WORLD / TASKS_PER_NODE : 1 ))), or export it (slurm/export.sh) first."
 
 EVAL_DIR=${EVAL_DIR:-$RUN_DIR/eval/$(basename "$TAG_DIR")}
 mkdir -p "$EVAL_DIR" || die "EVAL_DIR=$EVAL_DIR cannot be created."
 
-# The run's own training flags, so the trainer rebuilds exactly the engine the checkpoint came from.
-mapfile -t RUN_ARGS < <("$PYTHON" - "$RUN_DIR/config.json" <<'EOF'
-import json, sys
-c = json.load(open(sys.argv[1]))
-flags = dict(model=c["model"], loss=c["loss"], train_data=c["train_data"], tokenizer=c["tokenizer"],
-             deepspeed_config=c["deepspeed_config"], batch_size=c["global_batch"],
-             micro_batch=c["micro_batch"], grad_accum=c["grad_accum"], seed=c["seed"], lr=c["lr"],
-             min_lr=c["min_lr"], weight_decay=c["weight_decay"], eval_batch_size=c["eval_batch_size"],
-             zeroshot_data=c["zeroshot_data"], retrieval_data=c["retrieval_data"], workers=c["workers"])
-if c["loss"] == "softclip":
-    flags.update(alpha=c["alpha"], beta=c["beta"], soft_temperature=c["soft_temperature"],
-                 soft_source=c["soft_source"])
-for k, v in flags.items():
-    print("--deepspeed_config" if k == "deepspeed_config" else "--" + k.replace("_", "-"))
-    print(v)
-EOF
-)
-(( ${#RUN_ARGS[@]} > 0 )) || die "cannot read the training flags from $RUN_DIR/config.json."
-[[ -n ${ZEROSHOT_DATA:-} ]] && { check_eval_data ZEROSHOT_DATA "$ZEROSHOT_DATA"; RUN_ARGS+=(--zeroshot-data "$ZEROSHOT_DATA"); }
-[[ -n ${RETRIEVAL_DATA:-} ]] && { check_eval_data RETRIEVAL_DATA "$RETRIEVAL_DATA"; RUN_ARGS+=(--retrieval-data "$RETRIEVAL_DATA"); }
-[[ -n ${EVAL_BATCH_SIZE:-} ]] && RUN_ARGS+=(--eval-batch-size "$EVAL_BATCH_SIZE")
+# Eval sets and batch size: the run's own unless given (its config.json is only read, never re-run).
+IFS=$'\t' read -r RUN_ZEROSHOT RUN_RETRIEVAL RUN_EVAL_BATCH < <("$PYTHON" -c 'import json, sys; c = json.load(open(sys.argv[1])); print(c["zeroshot_data"], c["retrieval_data"], c["eval_batch_size"], sep="\t")' "$RUN_DIR/config.json") \
+    || die "cannot read the eval settings from $RUN_DIR/config.json."
+ZEROSHOT_DATA=${ZEROSHOT_DATA:-${IMAGENET_VAL:+imagenet:$IMAGENET_VAL}}
+ZEROSHOT_DATA=${ZEROSHOT_DATA:-$RUN_ZEROSHOT}
+RETRIEVAL_DATA=${RETRIEVAL_DATA:-$RUN_RETRIEVAL}
+check_eval_data ZEROSHOT_DATA "$ZEROSHOT_DATA"
+check_eval_data RETRIEVAL_DATA "$RETRIEVAL_DATA"
+EVAL_ARGS=(--checkpoint "$TAG_DIR" --out "$EVAL_DIR/results.json" --zeroshot-data "$ZEROSHOT_DATA"
+           --retrieval-data "$RETRIEVAL_DATA" --batch-size "${EVAL_BATCH_SIZE:-$RUN_EVAL_BATCH}")
+[[ -n ${PRECISION:-} ]] && EVAL_ARGS+=(--precision "$PRECISION")
+[[ -n ${SLURM_CPUS_PER_TASK:-} ]] && EVAL_ARGS+=(--workers $(( SLURM_CPUS_PER_TASK > 2 ? SLURM_CPUS_PER_TASK - 2 : 1 )))
 
-echo "== evaluating $TAG_DIR (step $CKPT_STEP) into $EVAL_DIR"
+echo "== evaluating $TAG_DIR into $EVAL_DIR"
 master_env
-echo "== $(date -Is) launching the trainer for 0 steps from step $CKPT_STEP"
-run_ranks "$PYTHON" -u pretrain/main.py "${RUN_ARGS[@]}" --steps "$CKPT_STEP" --warmup 0 --save-every 0 \
-    --eval-every 0 --resume "$TAG_DIR" --output-dir "$EVAL_DIR"
+echo "== $(date -Is) launching python -m pretrain.evaluate ${EVAL_ARGS[*]}"
+run_ranks "$PYTHON" -u -m pretrain.evaluate "${EVAL_ARGS[@]}"
 (( RANKS_RC == 0 )) || { echo "== evaluation failed with exit code $RANKS_RC" >&2; exit "$RANKS_RC"; }
 echo "== $(date -Is) results: $EVAL_DIR/results.json"

@@ -80,11 +80,15 @@ EOF
     [[ -z $msg ]] || die "$1=$2: $msg${3:+; $3}."
 }
 
-check_eval_data() {  # NAME VALUE: 'embedded', 'none', a folder or shards
-    case $2 in
-        embedded | none) ;;
-        *) if [[ -d $2 ]]; then :; else check_shards "$1" "$2"; fi ;;
-    esac
+check_eval_data() {  # NAME VALUE: the trainer's own check (pretrain/validate.py check_eval_data)
+    local msg flag=zeroshot_data
+    [[ $1 == *RETRIEVAL* ]] && flag=retrieval_data
+    msg=$("$PYTHON" -c 'import sys; from pretrain.validate import check_eval_data as c; print("; ".join(c(sys.argv[1], sys.argv[2])))' "$flag" "$2") \
+        || die "$1=$2: could not check it with $PYTHON (is the environment set up?)."
+    [[ -z $msg ]] || die "$1=$2: $msg"
+    if [[ $1 == ZEROSHOT_DATA && ,$2, == *,embedded* ]]; then
+        echo "warning: ZEROSHOT_DATA=$2: the embedded 32-px Fashion-MNIST and emoji sets are a smoke test, not a benchmark; set IMAGENET_VAL=/path/to/imagenet/val (class folders n01440764/...) for ImageNet zero-shot top-1/top-5." >&2
+    fi
 }
 
 # ---------------------------------------------------------------------------- ranks and batch
