@@ -115,10 +115,10 @@ def text_classifier(model, tokenizer, classnames: Sequence[str], templates: Sequ
 
 
 @torch.no_grad()
-def embed_pairs(model, loader, device, dummy, images=True, texts=True, labels=False) -> dict:
+def embed_pairs(model, loader, device, dummy, vision, images=True, texts=True, labels=False) -> dict:
     """Embed every sample of this rank's share, in lockstep with the other ranks; gathered."""
     out = {"image": [], "text": [], "labels": []}
-    v = model.config.vision  # loaders send uint8 images: normalised on the device, as in training
+    v = vision  # loaders send uint8 images: normalised on the device with the model's mean/std, as in training
     for batch, real in lockstep(loader, dummy, device):
         img = model.encode_image(images_on_device(batch["images"], device, v.mean, v.std)).float().cpu() if images else None
         txt = model.encode_text(batch["input_ids"].to(device)).float().cpu() if texts else None
@@ -151,13 +151,13 @@ def make_dummy(model_config) -> Callable[[], dict]:
 
 def zeroshot(model, tokenizer, loader, classnames, templates, device, model_config, batch_size=256) -> dict:
     classifier = text_classifier(model, tokenizer, classnames, templates, device, batch_size)
-    got = embed_pairs(model, loader, device, make_dummy(model_config), texts=False, labels=True)
+    got = embed_pairs(model, loader, device, make_dummy(model_config), model_config.vision, texts=False, labels=True)
     logits = got["image"] @ classifier.T
     return {**topk_accuracy(logits, got["labels"], ks=(1, 5)), "n": int(got["labels"].numel())}
 
 
 def retrieval(model, loader, device, model_config) -> dict:
-    got = embed_pairs(model, loader, device, make_dummy(model_config))
+    got = embed_pairs(model, loader, device, make_dummy(model_config), model_config.vision)
     return {**retrieval_recall(got["image"], got["text"]), "n": int(got["image"].shape[0])}
 
 
@@ -167,10 +167,11 @@ def retrieval_captions(model, tokenizer, loader, device, model_config) -> dict:
     and MSCOCO: 5 per image). One image and one text forward per lockstep round, as ZeRO-3 needs."""
     dummy = make_dummy(model_config)
     images, texts, counts = [], [], []
-    for batch, real in lockstep(loader, dummy):
+    v = model_config.vision
+    for batch, real in lockstep(loader, dummy, device):
         captions = [[c.strip() for c in t.splitlines() if c.strip()] for t in batch["texts"]] if real else []
         ids = tokenizer([c for cs in captions for c in cs])[0] if real else batch["input_ids"]
-        img = model.encode_image(batch["images"].to(device)).float().cpu()
+        img = model.encode_image(images_on_device(batch["images"], device, v.mean, v.std)).float().cpu()
         txt = model.encode_text(ids.to(device)).float().cpu()
         if real:
             images.append(img)
