@@ -3,22 +3,23 @@
 #
 #   mkdir -p logs && sbatch slurm/cc12m_vitl.sh                       # from the repository root
 #   sbatch -p gpu -A myproj --nodes=4 slurm/cc12m_vitl.sh             # site options are sbatch options
-#   DATA_ROOT=/datasets sbatch slurm/cc12m_vitl.sh                    # paths are environment variables
+#   SOFTCLIP_DATA_ROOT=/datasets sbatch slurm/cc12m_vitl.sh           # paths are environment variables
 #
-# Global batch: 32,768 pairs per optimizer step = nodes x 8 GPUs x MICRO_BATCH x GRAD_ACCUM
+# Global batch: 32,768 pairs per optimizer step
+#   = nodes x 8 GPUs x SOFTCLIP_MICRO_BATCH x SOFTCLIP_GRAD_ACCUM
 #   16 nodes x 8 x 256 x 1 = 32,768   (default, --nodes=16)
 #    8 nodes x 8 x 256 x 2 = 32,768   (sbatch --nodes=8)
 #    4 nodes x 8 x 256 x 4 = 32,768   (sbatch --nodes=4)
-# GRAD_ACCUM is derived from the allocation; a layout that does not divide GLOBAL_BATCH is refused
-# with one message before anything starts. Accumulation adds no negatives: each contrastive loss
-# sees micro batch x ranks pairs (32,768 only at 16 nodes).
+# SOFTCLIP_GRAD_ACCUM is derived from the allocation; a layout that does not divide
+# SOFTCLIP_GLOBAL_BATCH is refused with one message before anything starts. Accumulation adds no
+# negatives: each contrastive loss sees micro batch x ranks pairs (32,768 only at 16 nodes).
 #
 # Schedule, counted in optimizer steps: CC12M as fetched by img2dataset is ~10M pairs (dead URLs
-# remove the rest), so 32 epochs x 10M / 32,768 = 9,766 -> STEPS=10000. Peak lr, weight decay and
-# Adam betas/eps follow CLIP's ViT-L/14 run at this batch size (Radford et al. 2021, appendix F:
+# remove the rest), so 32 epochs x 10M / 32,768 = 9,766 -> SOFTCLIP_STEPS=10000. Peak lr, weight
+# decay and Adam betas/eps follow CLIP's ViT-L/14 run at this batch size (Radford et al. 2021, appendix F:
 # lr 4e-4, wd 0.2, beta2 0.98, eps 1e-6; the eps and betas live in the DeepSpeed JSON). CLIP warmed
 # up for 2,000 of ~390k steps; this run is 40x shorter, so 1,000 steps (10%) -- a judgement call,
-# not a measured optimum. Cosine decay to MIN_LR after warmup.
+# not a measured optimum. Cosine decay to SOFTCLIP_MIN_LR after warmup.
 #
 # Preemption: Slurm signals the batch shell 10 minutes before the time limit (B:USR1@600; a ZeRO-3
 # checkpoint of ViT-L plus an in-flight eval fit in that), slurm/lib/launch.sh forwards it to the
@@ -26,11 +27,13 @@
 # directory, `--resume latest`). Output is appended across restarts in logs/<name>-<jobid>.out
 # (Slurm does not create logs/: make it once).
 #
-# Environment variables (defaults below): DATA_ROOT TRAIN_DATA TOKENIZER TRAIN_NUM_SAMPLES MODEL
-# LOSS ALPHA BETA SOFT_TEMPERATURE SOFT_SOURCE DS_CONFIG GLOBAL_BATCH MICRO_BATCH GRAD_ACCUM STEPS
-# WARMUP LR MIN_LR WD SAVE_EVERY EVAL_EVERY LOG_EVERY ZEROSHOT_DATA RETRIEVAL_DATA WORKERS SEED
-# REPORT_TO GRAD_CHECKPOINTING ZERO_INIT RUNS_DIR OUTPUT_DIR EXTRA_ARGS, and the launcher's SETUP_CMD
-# PYTHON SRUN_ARGS SRUN_WAIT MAX_RESTARTS MASTER_PORT (see slurm/lib/launch.sh).
+# Environment variables, all prefixed SOFTCLIP_ so that a variable that happens to be set in the
+# submitting shell (sbatch exports the caller's environment) cannot change a job (defaults below):
+# SOFTCLIP_ + DATA_ROOT TRAIN_DATA TOKENIZER TRAIN_NUM_SAMPLES MODEL LOSS ALPHA BETA SOFT_TEMPERATURE
+# SOFT_SOURCE DS_CONFIG GLOBAL_BATCH MICRO_BATCH GRAD_ACCUM STEPS WARMUP LR MIN_LR WD SAVE_EVERY
+# EVAL_EVERY LOG_EVERY ZEROSHOT_DATA IMAGENET_VAL RETRIEVAL_DATA WORKERS SEED REPORT_TO GRAD_CHECKPOINTING ZERO_INIT
+# RUNS_DIR OUTPUT_DIR EXTRA_ARGS, and the launcher's SOFTCLIP_ + REPO SETUP_CMD PYTHON SRUN_ARGS
+# SRUN_WAIT MAX_RESTARTS MASTER_PORT (see slurm/lib/launch.sh).
 #
 #SBATCH --job-name=cc12m-vitl14
 #SBATCH --nodes=16
@@ -46,40 +49,40 @@
 #SBATCH --output=logs/%x-%j.out
 
 # Slurm runs a copy of this file from its spool directory, so the repository is the submit directory.
-REPO=${REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
+SOFTCLIP_REPO=${SOFTCLIP_REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
 # shellcheck source=lib/launch.sh
-source "$REPO/slurm/lib/launch.sh" 2>/dev/null || {
-    echo "error: $REPO/slurm/lib/launch.sh not found; run sbatch from the repository root or set REPO." >&2
+source "$SOFTCLIP_REPO/slurm/lib/launch.sh" 2>/dev/null || {
+    echo "error: $SOFTCLIP_REPO/slurm/lib/launch.sh not found; run sbatch from the repository root or set SOFTCLIP_REPO." >&2
     exit 2
 }
 launch_init
 
-DATA_ROOT=${DATA_ROOT:-/data}
-TRAIN_DATA=${TRAIN_DATA:-"$DATA_ROOT/cc12m/{00000..01242}.tar"}
-TOKENIZER=${TOKENIZER:-$DATA_ROOT/cc12m/tokenizer}
-MODEL=${MODEL:-ViT-L-14}
-LOSS=${LOSS:-softclip}
-ALPHA=${ALPHA:-0.2}
-BETA=${BETA:-0.0}   # the trainer's default (README, "Reproduction"); the paper's is 1.0
-SOFT_TEMPERATURE=${SOFT_TEMPERATURE:-0.1}
-SOFT_SOURCE=${SOFT_SOURCE:-both}
-DS_CONFIG=${DS_CONFIG:-ds_configs/zero3_bf16.json}
-GLOBAL_BATCH=${GLOBAL_BATCH:-32768}
-MICRO_BATCH=${MICRO_BATCH:-256}
-STEPS=${STEPS:-10000}
-WARMUP=${WARMUP:-1000}
-LR=${LR:-4e-4}
-MIN_LR=${MIN_LR:-0}
-WD=${WD:-0.2}
-SAVE_EVERY=${SAVE_EVERY:-500}
-EVAL_EVERY=${EVAL_EVERY:-1000}
-LOG_EVERY=${LOG_EVERY:-10}
-ZEROSHOT_DATA=${ZEROSHOT_DATA:-${IMAGENET_VAL:+imagenet:$IMAGENET_VAL}}  # the paper's number: IMAGENET_VAL=/data/imagenet/val
-ZEROSHOT_DATA=${ZEROSHOT_DATA:-embedded}  # a smoke test, not a benchmark (launch.sh warns)
-RETRIEVAL_DATA=${RETRIEVAL_DATA:-embedded}
-SEED=${SEED:-0}
-REPORT_TO=${REPORT_TO:-jsonl}
-GRAD_CHECKPOINTING=${GRAD_CHECKPOINTING:-1}  # ViT-L at 256 per GPU needs it on 80 GB
-RUNS_DIR=${RUNS_DIR:-runs}
+SOFTCLIP_DATA_ROOT=${SOFTCLIP_DATA_ROOT:-/data}
+SOFTCLIP_TRAIN_DATA=${SOFTCLIP_TRAIN_DATA:-"$SOFTCLIP_DATA_ROOT/cc12m/{00000..01242}.tar"}
+SOFTCLIP_TOKENIZER=${SOFTCLIP_TOKENIZER:-$SOFTCLIP_DATA_ROOT/cc12m/tokenizer}
+SOFTCLIP_MODEL=${SOFTCLIP_MODEL:-ViT-L-14}
+SOFTCLIP_LOSS=${SOFTCLIP_LOSS:-softclip}
+SOFTCLIP_ALPHA=${SOFTCLIP_ALPHA:-0.2}
+SOFTCLIP_BETA=${SOFTCLIP_BETA:-0.0}   # the trainer's default (README, "Reproduction"); the paper's is 1.0
+SOFTCLIP_SOFT_TEMPERATURE=${SOFTCLIP_SOFT_TEMPERATURE:-0.1}
+SOFTCLIP_SOFT_SOURCE=${SOFTCLIP_SOFT_SOURCE:-both}
+SOFTCLIP_DS_CONFIG=${SOFTCLIP_DS_CONFIG:-ds_configs/zero3_bf16.json}
+SOFTCLIP_GLOBAL_BATCH=${SOFTCLIP_GLOBAL_BATCH:-32768}
+SOFTCLIP_MICRO_BATCH=${SOFTCLIP_MICRO_BATCH:-256}
+SOFTCLIP_STEPS=${SOFTCLIP_STEPS:-10000}
+SOFTCLIP_WARMUP=${SOFTCLIP_WARMUP:-1000}
+SOFTCLIP_LR=${SOFTCLIP_LR:-4e-4}
+SOFTCLIP_MIN_LR=${SOFTCLIP_MIN_LR:-0}
+SOFTCLIP_WD=${SOFTCLIP_WD:-0.2}
+SOFTCLIP_SAVE_EVERY=${SOFTCLIP_SAVE_EVERY:-500}
+SOFTCLIP_EVAL_EVERY=${SOFTCLIP_EVAL_EVERY:-1000}
+SOFTCLIP_LOG_EVERY=${SOFTCLIP_LOG_EVERY:-10}
+SOFTCLIP_ZEROSHOT_DATA=${SOFTCLIP_ZEROSHOT_DATA:-${SOFTCLIP_IMAGENET_VAL:+imagenet:$SOFTCLIP_IMAGENET_VAL}}  # the paper's number: SOFTCLIP_IMAGENET_VAL=/data/imagenet/val
+SOFTCLIP_ZEROSHOT_DATA=${SOFTCLIP_ZEROSHOT_DATA:-embedded}  # a smoke test, not a benchmark (launch.sh warns)
+SOFTCLIP_RETRIEVAL_DATA=${SOFTCLIP_RETRIEVAL_DATA:-embedded}
+SOFTCLIP_SEED=${SOFTCLIP_SEED:-0}
+SOFTCLIP_REPORT_TO=${SOFTCLIP_REPORT_TO:-jsonl}
+SOFTCLIP_GRAD_CHECKPOINTING=${SOFTCLIP_GRAD_CHECKPOINTING:-1}  # ViT-L at 256 per GPU needs it on 80 GB
+SOFTCLIP_RUNS_DIR=${SOFTCLIP_RUNS_DIR:-runs}
 
 launch_training

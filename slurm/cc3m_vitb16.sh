@@ -2,22 +2,23 @@
 # The paper-scale comparison: ViT-B/16 on CC3M, CLIP vs SoftCLIP with everything else equal.
 #
 #   mkdir -p logs
-#   LOSS=clip     sbatch slurm/cc3m_vitb16.sh
-#   LOSS=softclip sbatch slurm/cc3m_vitb16.sh
+#   SOFTCLIP_LOSS=clip     sbatch slurm/cc3m_vitb16.sh
+#   SOFTCLIP_LOSS=softclip sbatch slurm/cc3m_vitb16.sh
 #
-# The two runs differ only in --loss and the SoftCLIP options (ALPHA BETA SOFT_TEMPERATURE
-# SOFT_SOURCE, passed for softclip only). Recipe: open_clip's CC3M baseline (users report ~19%
-# ImageNet zero-shot for RN50): global batch 1024, lr 1e-3, weight decay 0.1, 30 epochs, warmup
-# 10,000 steps as in open_clip's README example for it.
+# The two runs differ only in --loss and the SoftCLIP options (SOFTCLIP_ALPHA SOFTCLIP_BETA
+# SOFTCLIP_SOFT_TEMPERATURE SOFTCLIP_SOFT_SOURCE, passed for softclip only). Recipe: open_clip's
+# CC3M baseline (users report ~19% ImageNet zero-shot for RN50): global batch 1024, lr 1e-3, weight
+# decay 0.1, 30 epochs, warmup 10,000 steps as in open_clip's README example for it.
 #
-# Global batch: 1,024 = nodes x 8 GPUs x MICRO_BATCH x GRAD_ACCUM = 1 x 8 x 128 x 1 (default).
-# On 4 GPUs (sbatch --gpus-per-node=4 --ntasks-per-node=4): 1 x 4 x 128 x 2. GRAD_ACCUM is derived.
+# Global batch: 1,024 = nodes x 8 GPUs x SOFTCLIP_MICRO_BATCH x SOFTCLIP_GRAD_ACCUM = 1 x 8 x 128 x 1
+# (default). On 4 GPUs (sbatch --gpus-per-node=4 --ntasks-per-node=4): 1 x 4 x 128 x 2.
+# SOFTCLIP_GRAD_ACCUM is derived.
 #
-# Epochs -> steps: the trainer converts "30ep" with TRAIN_NUM_SAMPLES, the pairs your img2dataset
-# download actually holds (sum of "successes" in its *_stats.json; ~2.8M of CC3M's 3.3M URLs were
-# alive in 2023) -- 30 x 2.8M / 1024 = 82,031 steps. Set it to your count.
+# Epochs -> steps: the trainer converts "30ep" with SOFTCLIP_TRAIN_NUM_SAMPLES, the pairs your
+# img2dataset download actually holds (sum of "successes" in its *_stats.json; ~2.8M of CC3M's 3.3M
+# URLs were alive in 2023) -- 30 x 2.8M / 1024 = 82,031 steps. Set it to your count.
 #
-# Environment variables: those of slurm/cc12m_vitl.sh (same launcher); defaults below.
+# Environment variables: those of slurm/cc12m_vitl.sh (SOFTCLIP_*, same launcher); defaults below.
 #
 #SBATCH --job-name=cc3m-vitb16
 #SBATCH --nodes=1
@@ -31,43 +32,43 @@
 #SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%j.out
 
-REPO=${REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
+SOFTCLIP_REPO=${SOFTCLIP_REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
 # shellcheck source=lib/launch.sh
-source "$REPO/slurm/lib/launch.sh" 2>/dev/null || {
-    echo "error: $REPO/slurm/lib/launch.sh not found; run sbatch from the repository root or set REPO." >&2
+source "$SOFTCLIP_REPO/slurm/lib/launch.sh" 2>/dev/null || {
+    echo "error: $SOFTCLIP_REPO/slurm/lib/launch.sh not found; run sbatch from the repository root or set SOFTCLIP_REPO." >&2
     exit 2
 }
 launch_init
 
-LOSS=${LOSS:-softclip}
-DATA_ROOT=${DATA_ROOT:-/data}
-TRAIN_DATA=${TRAIN_DATA:-"$DATA_ROOT/cc3m/{00000..00331}.tar"}
-TRAIN_NUM_SAMPLES=${TRAIN_NUM_SAMPLES:-2800000}
-TOKENIZER=${TOKENIZER:-$DATA_ROOT/cc3m/tokenizer}
-MODEL=${MODEL:-ViT-B-16}
-ALPHA=${ALPHA:-0.2}
-BETA=${BETA:-0.0}   # the trainer's default (README, "Reproduction"); the paper's is 1.0
-SOFT_TEMPERATURE=${SOFT_TEMPERATURE:-0.1}
-SOFT_SOURCE=${SOFT_SOURCE:-both}
-DS_CONFIG=${DS_CONFIG:-ds_configs/zero3_bf16.json}
-GLOBAL_BATCH=${GLOBAL_BATCH:-1024}
-MICRO_BATCH=${MICRO_BATCH:-128}
-STEPS=${STEPS:-30ep}
-WARMUP=${WARMUP:-10000}
-LR=${LR:-1e-3}
-MIN_LR=${MIN_LR:-0}
-WD=${WD:-0.1}
-SAVE_EVERY=${SAVE_EVERY:-1ep}
-EVAL_EVERY=${EVAL_EVERY:-1ep}
-LOG_EVERY=${LOG_EVERY:-50}
-ZEROSHOT_DATA=${ZEROSHOT_DATA:-${IMAGENET_VAL:+imagenet:$IMAGENET_VAL}}  # the paper's number: IMAGENET_VAL=/data/imagenet/val
-ZEROSHOT_DATA=${ZEROSHOT_DATA:-embedded}  # a smoke test, not a benchmark (launch.sh warns)
-RETRIEVAL_DATA=${RETRIEVAL_DATA:-embedded}
-SEED=${SEED:-0}
-REPORT_TO=${REPORT_TO:-jsonl}
-GRAD_CHECKPOINTING=${GRAD_CHECKPOINTING:-0}
-RUNS_DIR=${RUNS_DIR:-runs}
+SOFTCLIP_LOSS=${SOFTCLIP_LOSS:-softclip}
+SOFTCLIP_DATA_ROOT=${SOFTCLIP_DATA_ROOT:-/data}
+SOFTCLIP_TRAIN_DATA=${SOFTCLIP_TRAIN_DATA:-"$SOFTCLIP_DATA_ROOT/cc3m/{00000..00331}.tar"}
+SOFTCLIP_TRAIN_NUM_SAMPLES=${SOFTCLIP_TRAIN_NUM_SAMPLES:-2800000}
+SOFTCLIP_TOKENIZER=${SOFTCLIP_TOKENIZER:-$SOFTCLIP_DATA_ROOT/cc3m/tokenizer}
+SOFTCLIP_MODEL=${SOFTCLIP_MODEL:-ViT-B-16}
+SOFTCLIP_ALPHA=${SOFTCLIP_ALPHA:-0.2}
+SOFTCLIP_BETA=${SOFTCLIP_BETA:-0.0}   # the trainer's default (README, "Reproduction"); the paper's is 1.0
+SOFTCLIP_SOFT_TEMPERATURE=${SOFTCLIP_SOFT_TEMPERATURE:-0.1}
+SOFTCLIP_SOFT_SOURCE=${SOFTCLIP_SOFT_SOURCE:-both}
+SOFTCLIP_DS_CONFIG=${SOFTCLIP_DS_CONFIG:-ds_configs/zero3_bf16.json}
+SOFTCLIP_GLOBAL_BATCH=${SOFTCLIP_GLOBAL_BATCH:-1024}
+SOFTCLIP_MICRO_BATCH=${SOFTCLIP_MICRO_BATCH:-128}
+SOFTCLIP_STEPS=${SOFTCLIP_STEPS:-30ep}
+SOFTCLIP_WARMUP=${SOFTCLIP_WARMUP:-10000}
+SOFTCLIP_LR=${SOFTCLIP_LR:-1e-3}
+SOFTCLIP_MIN_LR=${SOFTCLIP_MIN_LR:-0}
+SOFTCLIP_WD=${SOFTCLIP_WD:-0.1}
+SOFTCLIP_SAVE_EVERY=${SOFTCLIP_SAVE_EVERY:-1ep}
+SOFTCLIP_EVAL_EVERY=${SOFTCLIP_EVAL_EVERY:-1ep}
+SOFTCLIP_LOG_EVERY=${SOFTCLIP_LOG_EVERY:-50}
+SOFTCLIP_ZEROSHOT_DATA=${SOFTCLIP_ZEROSHOT_DATA:-${SOFTCLIP_IMAGENET_VAL:+imagenet:$SOFTCLIP_IMAGENET_VAL}}  # the paper's number: SOFTCLIP_IMAGENET_VAL=/data/imagenet/val
+SOFTCLIP_ZEROSHOT_DATA=${SOFTCLIP_ZEROSHOT_DATA:-embedded}  # a smoke test, not a benchmark (launch.sh warns)
+SOFTCLIP_RETRIEVAL_DATA=${SOFTCLIP_RETRIEVAL_DATA:-embedded}
+SOFTCLIP_SEED=${SOFTCLIP_SEED:-0}
+SOFTCLIP_REPORT_TO=${SOFTCLIP_REPORT_TO:-jsonl}
+SOFTCLIP_GRAD_CHECKPOINTING=${SOFTCLIP_GRAD_CHECKPOINTING:-0}
+SOFTCLIP_RUNS_DIR=${SOFTCLIP_RUNS_DIR:-runs}
 # one run directory per loss, so the pair can be compared side by side
-OUTPUT_DIR=${OUTPUT_DIR:-$RUNS_DIR/$SLURM_JOB_NAME-$LOSS-$SLURM_JOB_ID}
+SOFTCLIP_OUTPUT_DIR=${SOFTCLIP_OUTPUT_DIR:-$SOFTCLIP_RUNS_DIR/$SLURM_JOB_NAME-$SOFTCLIP_LOSS-$SLURM_JOB_ID}
 
 launch_training

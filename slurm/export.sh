@@ -2,15 +2,17 @@
 # Export a run's ZeRO-3 checkpoint: merged to fp32 on the CPU, then written as our native format,
 # a `transformers` CLIPModel and a timm image tower, each reloaded and compared with the checkpoint.
 #
-#   RUN_DIR=runs/cc12m-vitl14-123456 sbatch slurm/export.sh
-#   RUN_DIR=... TAG=step_00005000 FORMATS=hf OUT=/models/softclip-vitl14 sbatch slurm/export.sh
+#   SOFTCLIP_RUN_DIR=runs/cc12m-vitl14-123456 sbatch slurm/export.sh
+#   SOFTCLIP_RUN_DIR=... SOFTCLIP_TAG=step_00005000 SOFTCLIP_FORMATS=hf \
+#       SOFTCLIP_OUT=/models/softclip-vitl14 sbatch slurm/export.sh
 #
 # One process, no GPU and no process group (DeepSpeed's zero_to_fp32 reads the shards as files),
 # so it runs in any partition; memory is the fp32 model plus one rank's shard at a time (~4 GB
 # for ViT-L/14).
 #
-# Environment: RUN_DIR (required), TAG (latest), OUT (RUN_DIR/export), FORMATS (native,hf,timm),
-# plus the launcher's SETUP_CMD and PYTHON (slurm/lib/launch.sh).
+# Environment (SOFTCLIP_-prefixed, see slurm/README.md): SOFTCLIP_RUN_DIR (required), SOFTCLIP_TAG
+# (latest), SOFTCLIP_OUT (SOFTCLIP_RUN_DIR/export), SOFTCLIP_FORMATS (native,hf,timm), plus the
+# launcher's SOFTCLIP_SETUP_CMD and SOFTCLIP_PYTHON (slurm/lib/launch.sh).
 #
 #SBATCH --job-name=export
 #SBATCH --nodes=1
@@ -21,24 +23,24 @@
 #SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%j.out
 
-REPO=${REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
+SOFTCLIP_REPO=${SOFTCLIP_REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
 # shellcheck source=lib/launch.sh
-source "$REPO/slurm/lib/launch.sh" 2>/dev/null || {
-    echo "error: $REPO/slurm/lib/launch.sh not found; run sbatch from the repository root or set REPO." >&2
+source "$SOFTCLIP_REPO/slurm/lib/launch.sh" 2>/dev/null || {
+    echo "error: $SOFTCLIP_REPO/slurm/lib/launch.sh not found; run sbatch from the repository root or set SOFTCLIP_REPO." >&2
     exit 2
 }
 launch_init
 
-[[ -n ${RUN_DIR:-} ]] || die "RUN_DIR is not set; point it at a training run directory (it holds checkpoints/)."
-check_dir "RUN_DIR/checkpoints" "$RUN_DIR/checkpoints" "is RUN_DIR a run directory of pretrain/main.py?"
-TAG=${TAG:-latest}
-OUT=${OUT:-$RUN_DIR/export}
-FORMATS=${FORMATS:-native,hf,timm}
+[[ -n ${SOFTCLIP_RUN_DIR:-} ]] || die "SOFTCLIP_RUN_DIR is not set; point it at a training run directory (it holds checkpoints/)."
+check_dir "SOFTCLIP_RUN_DIR/checkpoints" "$SOFTCLIP_RUN_DIR/checkpoints" "is SOFTCLIP_RUN_DIR a run directory of pretrain/main.py?"
+SOFTCLIP_TAG=${SOFTCLIP_TAG:-latest}
+SOFTCLIP_OUT=${SOFTCLIP_OUT:-$SOFTCLIP_RUN_DIR/export}
+SOFTCLIP_FORMATS=${SOFTCLIP_FORMATS:-native,hf,timm}
 
-echo "== $(date -Is) exporting $RUN_DIR/checkpoints ($TAG) as $FORMATS into $OUT"
+echo "== $(date -Is) exporting $SOFTCLIP_RUN_DIR/checkpoints ($SOFTCLIP_TAG) as $SOFTCLIP_FORMATS into $SOFTCLIP_OUT"
 set +e
-"$PYTHON" -u -m pretrain.export --checkpoint "$RUN_DIR/checkpoints" --tag "$TAG" --out "$OUT" --format "$FORMATS"
+"$SOFTCLIP_PYTHON" -u -m pretrain.export --checkpoint "$SOFTCLIP_RUN_DIR/checkpoints" --tag "$SOFTCLIP_TAG" --out "$SOFTCLIP_OUT" --format "$SOFTCLIP_FORMATS"
 rc=$?
 set -e
 (( rc == 0 )) || { echo "== export failed with exit code $rc" >&2; exit "$rc"; }
-echo "== $(date -Is) done: $OUT/export.json"
+echo "== $(date -Is) done: $SOFTCLIP_OUT/export.json"

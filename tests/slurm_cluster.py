@@ -92,8 +92,12 @@ class LocalSlurm:
     # ------------------------------------------------------------------ environment for clients
     @property
     def env(self) -> dict:
-        """os.environ for client commands (sbatch, squeue, ...): SLURM_CONF set, stray SLURM_* dropped."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+        """os.environ for client commands (sbatch, squeue, ...): SLURM_CONF set, stray SLURM_* dropped.
+
+        SOFTCLIP_* (the slurm/ scripts' knobs) are dropped too: sbatch exports this environment to
+        the job, and a test must not depend on what the shell that runs it has set."""
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SOFTCLIP_"))}
         env["SLURM_CONF"] = str(self.conf)
         return env
 

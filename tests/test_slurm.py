@@ -32,6 +32,13 @@ JOB_NAME = "cc12m-vitl14"  # the script's --job-name: logs/%x-%j.out and the run
 SBATCH_TINY = ("--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1", "--time=30")
 TIMEOUT = 420  # per job; a loaded 2-core machine, normally 30-90 s
 STEPS = 10
+# Generic names a user's shell may well define. sbatch exports the caller's environment, so each job
+# is submitted with these set: a script that read a bare name would run the wrong model, write the
+# export elsewhere or fail (issue 13). The scripts read SOFTCLIP_* only.
+DECOYS = dict(OUT="/nonexistent/decoy-out", MODEL="ViT-H-14", LR="bogus", STEPS="99999", SEED="bogus",
+              LOSS="infonce", TAG="step_99999999", RUN_DIR="/nonexistent/decoy-run", FORMATS="bogus",
+              TRAIN_DATA="/nonexistent/decoy.tar", PYTHON="/nonexistent/python", REPO="/nonexistent",
+              OUTPUT_DIR="/nonexistent/decoy-output", GLOBAL_BATCH="7", WORKERS="bogus")
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +69,14 @@ def tiny_env():
         subprocess.run([sys.executable, "-m", "data.embedded"], cwd=REPO, check=True, capture_output=True)
     pattern = json.loads(manifest.read_text())["sets"]["train"]["pattern"]
     (REPO / "logs").mkdir(exist_ok=True)  # Slurm opens logs/%x-%j.out before the script runs
-    return dict(MODEL="tiny-test", DS_CONFIG="ds_configs/cpu.json", TRAIN_DATA=str(EMBEDDED / "shards" / pattern),
-                TOKENIZER=str(EMBEDDED / "tokenizer"), GLOBAL_BATCH="16", MICRO_BATCH="8", WARMUP="2",
-                LR="1e-3", LOG_EVERY="1", GRAD_CHECKPOINTING="0", SAVE_EVERY="0", EVAL_EVERY="0")
+    return softclip_env(MODEL="tiny-test", DS_CONFIG="ds_configs/cpu.json", TRAIN_DATA=str(EMBEDDED / "shards" / pattern),
+                        TOKENIZER=str(EMBEDDED / "tokenizer"), GLOBAL_BATCH="16", MICRO_BATCH="8", WARMUP="2",
+                        LR="1e-3", LOG_EVERY="1", GRAD_CHECKPOINTING="0", SAVE_EVERY="0", EVAL_EVERY="0")
+
+
+def softclip_env(**knobs: str) -> dict:
+    """The scripts' knobs as the SOFTCLIP_-prefixed variables they read, plus DECOYS."""
+    return {**DECOYS, **{f"SOFTCLIP_{k}": v for k, v in knobs.items()}}
 
 
 def submit(cluster: LocalSlurm, env: dict, *sbatch_args: str, script: str = SCRIPT) -> int:
@@ -106,7 +118,7 @@ def preempted_job(cluster, tiny_env, tmp_path_factory):
     """
     runs = tmp_path_factory.mktemp("runs")
     # 32 = 1 node x 2 ranks x micro 8 x accumulation 2: the script derives the accumulation
-    env = dict(tiny_env, GLOBAL_BATCH="32", STEPS=str(STEPS), RUNS_DIR=str(runs))
+    env = dict(tiny_env, **softclip_env(GLOBAL_BATCH="32", STEPS=str(STEPS), RUNS_DIR=str(runs)))
     t0 = time.perf_counter()
     job = submit(cluster, env)
     run = runs / f"{JOB_NAME}-{job}"
@@ -176,12 +188,13 @@ def test_preemption_checkpoints_requeues_and_resumes(preempted_job):
 def test_export_script_writes_a_reloadable_model(cluster, preempted_job):
     run = preempted_job["run"]
     job = cluster.sbatch("--cpus-per-task=1", "--mem=2G", "--time=30", "slurm/export.sh", cwd=REPO,
-                         env=dict(RUN_DIR=str(run), FORMATS="native"))
+                         env=softclip_env(RUN_DIR=str(run), FORMATS="native"))
     info = cluster.wait(job, TIMEOUT)
     log = job_log(job, "export").read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{brief(info)}\n{tail(log)}"
     report = json.loads((run / "export" / "export.json").read_text())
-    assert report["checkpoint"].endswith(f"step_{STEPS:08d}")
+    assert report["checkpoint"].endswith(f"step_{STEPS:08d}")  # not the decoy TAG
+    assert not Path(DECOYS["OUT"]).exists()
     assert report["formats"]["native"]["ok"], report
     assert (run / "export" / "native" / "config.json").is_file()
     job_log(job, "export").unlink()
@@ -192,7 +205,7 @@ def test_eval_script_evaluates_an_ema_run_on_another_world_size(cluster, ema_run
     evaluation CLI merges the checkpoint, so neither the teacher nor the world size matter, and it
     reproduces the trainer's own final evaluation of the same weights."""
     job = cluster.sbatch("--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1",
-                         "--time=30", "slurm/eval.sh", cwd=REPO, env=dict(RUN_DIR=str(ema_run), EVAL_BATCH_SIZE="500"))
+                         "--time=30", "slurm/eval.sh", cwd=REPO, env=softclip_env(RUN_DIR=str(ema_run), EVAL_BATCH_SIZE="500"))
     info = cluster.wait(job, TIMEOUT)
     log = job_log(job, "eval").read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{brief(info)}\n{tail(log)}"
@@ -206,15 +219,15 @@ def test_eval_script_evaluates_an_ema_run_on_another_world_size(cluster, ema_run
 
 @pytest.mark.parametrize("script, override, message", [
     (SCRIPT, dict(TRAIN_DATA="/nonexistent/cc12m/{00000..00003}.tar"),
-     "error: TRAIN_DATA=/nonexistent/cc12m/{00000..00003}.tar: 4 of 4 shards not found, "
-     "e.g. /nonexistent/cc12m/00000.tar; set TRAIN_DATA to your img2dataset shards"),
+     "error: SOFTCLIP_TRAIN_DATA=/nonexistent/cc12m/{00000..00003}.tar: 4 of 4 shards not found, "
+     "e.g. /nonexistent/cc12m/00000.tar; set SOFTCLIP_TRAIN_DATA to your img2dataset shards"),
     (SCRIPT, dict(GLOBAL_BATCH="24"),
-     "error: batch arithmetic does not divide: GLOBAL_BATCH=24 is not a multiple of MICRO_BATCH=8 x 2 "
-     "ranks (1 nodes x 2 per node) = 16."),
-    ("slurm/cc3m_vitb16.sh", dict(LOSS="infonce"), "error: LOSS=infonce: choose clip or softclip."),
+     "error: batch arithmetic does not divide: SOFTCLIP_GLOBAL_BATCH=24 is not a multiple of "
+     "SOFTCLIP_MICRO_BATCH=8 x 2 ranks (1 nodes x 2 per node) = 16."),
+    ("slurm/cc3m_vitb16.sh", dict(LOSS="infonce"), "error: SOFTCLIP_LOSS=infonce: choose clip or softclip."),
 ], ids=["missing-data", "batch-does-not-divide", "cc3m-unknown-loss"])
 def test_bad_setup_fails_fast_with_one_clear_message(cluster, tiny_env, tmp_path, script, override, message):
-    job = submit(cluster, dict(tiny_env, STEPS="4", RUNS_DIR=str(tmp_path), **override), script=script)
+    job = submit(cluster, dict(tiny_env, **softclip_env(STEPS="4", RUNS_DIR=str(tmp_path), **override)), script=script)
     info = cluster.wait(job, 60)
     name = "cc3m-vitb16" if "cc3m" in script else JOB_NAME
     log = job_log(job, name).read_text()

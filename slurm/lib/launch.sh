@@ -10,16 +10,20 @@
 #     (124). That code, and only that code, makes the job requeue itself; `--resume latest` in the
 #     next start continues from the checkpoint with the same job id, hence the same run directory.
 #
-# Site settings, all optional (environment variables exported to sbatch, which passes them on):
-#   SETUP_CMD   shell code run first in the batch shell, e.g. "module load cuda/12.4; source env/bin/activate"
-#   PYTHON      interpreter (default: REPO/.venv/bin/python if present, else python3)
-#   SRUN_ARGS   extra srun options, e.g. a container: "--container-image=... --container-mounts=..."
-#   SRUN_WAIT   seconds srun lets the other ranks run after the first one exits (default 120): a
-#               crashed rank would otherwise leave its peers blocked in a collective until timeout.
+# Site settings, all optional (environment variables exported to sbatch, which passes them on). Every
+# variable the scripts read is prefixed SOFTCLIP_: sbatch exports the caller's whole environment, and a
+# generic name (OUT, MODEL, LR, ...) that a user's shell happens to define would silently change a job.
+#   SOFTCLIP_SETUP_CMD   shell code run first in the batch shell,
+#                        e.g. "module load cuda/12.4; source env/bin/activate"
+#   SOFTCLIP_PYTHON      interpreter (default: SOFTCLIP_REPO/.venv/bin/python if present, else python3)
+#   SOFTCLIP_SRUN_ARGS   extra srun options, e.g. a container: "--container-image=... --container-mounts=..."
+#   SOFTCLIP_SRUN_WAIT   seconds srun lets the other ranks run after the first one exits (default 120):
+#               a crashed rank would otherwise leave its peers blocked in a collective until timeout.
 #               (Not --kill-on-bad-exit: it SIGTERMs peers that are a moment slower to exit 124,
 #               and srun then reports 143, which would lose the requeue. Measured on Slurm 22.05.)
-#   MAX_RESTARTS  requeues allowed per job (default 20); SLURM_RESTART_COUNT is unset on the first run.
-#   MASTER_PORT   overrides the port derived from the job id.
+#   SOFTCLIP_MAX_RESTARTS  requeues allowed per job (default 20); SLURM_RESTART_COUNT is unset on the
+#               first run.
+#   SOFTCLIP_MASTER_PORT   overrides the port derived from the job id.
 # Partition, account, time, nodes and GPUs are sbatch options: `sbatch -p gpu -A proj --nodes=4 ...`
 # or SBATCH_PARTITION / SBATCH_ACCOUNT / SBATCH_TIMELIMIT in the environment.
 
@@ -35,18 +39,19 @@ die() {
 launch_init() {
     set -euo pipefail
     [[ -n ${SLURM_JOB_ID:-} ]] || die "not inside a Slurm job; submit with \`sbatch ${0##*/}\` from the repository root."
-    cd "$REPO"
-    if [[ -n ${SETUP_CMD:-} ]]; then
-        eval "$SETUP_CMD" || die "SETUP_CMD failed: $SETUP_CMD"
+    cd "$SOFTCLIP_REPO"
+    if [[ -n ${SOFTCLIP_SETUP_CMD:-} ]]; then
+        eval "$SOFTCLIP_SETUP_CMD" || die "SOFTCLIP_SETUP_CMD failed: $SOFTCLIP_SETUP_CMD"
     fi
-    if [[ -z ${PYTHON:-} ]]; then
-        if [[ -x $REPO/.venv/bin/python ]]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=python3; fi
+    if [[ -z ${SOFTCLIP_PYTHON:-} ]]; then
+        SOFTCLIP_PYTHON=python3
+        [[ -x $SOFTCLIP_REPO/.venv/bin/python ]] && SOFTCLIP_PYTHON=$SOFTCLIP_REPO/.venv/bin/python
     fi
-    command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON is not an executable; set PYTHON or SETUP_CMD."
-    SRUN_WAIT=${SRUN_WAIT:-120}
-    MAX_RESTARTS=${MAX_RESTARTS:-20}
+    command -v "$SOFTCLIP_PYTHON" >/dev/null || die "SOFTCLIP_PYTHON=$SOFTCLIP_PYTHON is not an executable; set SOFTCLIP_PYTHON or SOFTCLIP_SETUP_CMD."
+    SOFTCLIP_SRUN_WAIT=${SOFTCLIP_SRUN_WAIT:-120}
+    SOFTCLIP_MAX_RESTARTS=${SOFTCLIP_MAX_RESTARTS:-20}
     echo "== job $SLURM_JOB_ID ($SLURM_JOB_NAME) on $SLURM_JOB_NODELIST, started $(date -Is)"
-    echo "== SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-unset} (requeues allowed: $MAX_RESTARTS)"
+    echo "== SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-unset} (requeues allowed: $SOFTCLIP_MAX_RESTARTS)"
 }
 
 is_int() { [[ $1 =~ ^[0-9]+$ ]]; }
@@ -64,7 +69,7 @@ check_dir() {  # NAME VALUE [HINT]
 # are expanded by the trainer's function rather than re-implemented here.
 check_shards() {  # NAME SPEC [HINT]
     local msg
-    msg=$("$PYTHON" - "$2" <<'EOF'
+    msg=$("$SOFTCLIP_PYTHON" - "$2" <<'EOF'
 import os, sys
 from pretrain.validate import expand_shards
 spec = sys.argv[1]
@@ -76,18 +81,18 @@ if not urls:
 elif missing:
     print(f"{len(missing)} of {len(urls)} shards not found, e.g. {missing[0]}")
 EOF
-    ) || die "$1=$2: could not check the shards with $PYTHON (is the environment set up?)."
+    ) || die "$1=$2: could not check the shards with $SOFTCLIP_PYTHON (is the environment set up?)."
     [[ -z $msg ]] || die "$1=$2: $msg${3:+; $3}."
 }
 
 check_eval_data() {  # NAME VALUE: the trainer's own check (pretrain/validate.py check_eval_data)
     local msg flag=zeroshot_data
     [[ $1 == *RETRIEVAL* ]] && flag=retrieval_data
-    msg=$("$PYTHON" -c 'import sys; from pretrain.validate import check_eval_data as c; print("; ".join(c(sys.argv[1], sys.argv[2])))' "$flag" "$2") \
-        || die "$1=$2: could not check it with $PYTHON (is the environment set up?)."
+    msg=$("$SOFTCLIP_PYTHON" -c 'import sys; from pretrain.validate import check_eval_data as c; print("; ".join(c(sys.argv[1], sys.argv[2])))' "$flag" "$2") \
+        || die "$1=$2: could not check it with $SOFTCLIP_PYTHON (is the environment set up?)."
     [[ -z $msg ]] || die "$1=$2: $msg"
-    if [[ $1 == ZEROSHOT_DATA && ,$2, == *,embedded* ]]; then
-        echo "warning: ZEROSHOT_DATA=$2: the embedded 32-px Fashion-MNIST and emoji sets are a smoke test, not a benchmark; set IMAGENET_VAL=/path/to/imagenet/val (class folders n01440764/...) for ImageNet zero-shot top-1/top-5." >&2
+    if [[ $1 == SOFTCLIP_ZEROSHOT_DATA && ,$2, == *,embedded* ]]; then
+        echo "warning: SOFTCLIP_ZEROSHOT_DATA=$2: the embedded 32-px Fashion-MNIST and emoji sets are a smoke test, not a benchmark; set SOFTCLIP_IMAGENET_VAL=/path/to/imagenet/val (class folders n01440764/...) for ImageNet zero-shot top-1/top-5." >&2
     fi
 }
 
@@ -109,20 +114,21 @@ world_layout() {
     if is_int "$gpus" && (( gpus > 0 )); then DEVICES_DESC="$gpus GPUs per node"; else DEVICES_DESC="no GPUs requested"; fi
 }
 
-# GRAD_ACCUM = GLOBAL_BATCH / (MICRO_BATCH x WORLD), exactly; an explicit GRAD_ACCUM must agree.
+# SOFTCLIP_GRAD_ACCUM = SOFTCLIP_GLOBAL_BATCH / (SOFTCLIP_MICRO_BATCH x WORLD), exactly; an explicit
+# SOFTCLIP_GRAD_ACCUM must agree.
 batch_split() {
-    local g=${GLOBAL_BATCH:?} m=${MICRO_BATCH:?}
-    if ! is_int "$g" || (( g == 0 )); then die "GLOBAL_BATCH=$g must be a positive integer."; fi
-    if ! is_int "$m" || (( m == 0 )); then die "MICRO_BATCH=$m must be a positive integer."; fi
+    local g=${SOFTCLIP_GLOBAL_BATCH:?} m=${SOFTCLIP_MICRO_BATCH:?}
+    if ! is_int "$g" || (( g == 0 )); then die "SOFTCLIP_GLOBAL_BATCH=$g must be a positive integer."; fi
+    if ! is_int "$m" || (( m == 0 )); then die "SOFTCLIP_MICRO_BATCH=$m must be a positive integer."; fi
     local per_step=$(( m * WORLD ))
     if (( g % per_step != 0 )); then
-        die "batch arithmetic does not divide: GLOBAL_BATCH=$g is not a multiple of MICRO_BATCH=$m x $WORLD ranks ($NNODES nodes x $TASKS_PER_NODE per node) = $per_step. Choose GLOBAL_BATCH as a multiple of $per_step, or change MICRO_BATCH or the node count so that micro batch x ranks divides $g."
+        die "batch arithmetic does not divide: SOFTCLIP_GLOBAL_BATCH=$g is not a multiple of SOFTCLIP_MICRO_BATCH=$m x $WORLD ranks ($NNODES nodes x $TASKS_PER_NODE per node) = $per_step. Choose SOFTCLIP_GLOBAL_BATCH as a multiple of $per_step, or change SOFTCLIP_MICRO_BATCH or the node count so that micro batch x ranks divides $g."
     fi
     local accum=$(( g / per_step ))
-    if [[ -n ${GRAD_ACCUM:-} && ${GRAD_ACCUM} != "$accum" ]]; then
-        die "GRAD_ACCUM=$GRAD_ACCUM disagrees with GLOBAL_BATCH=$g / (MICRO_BATCH=$m x $WORLD ranks) = $accum; unset GRAD_ACCUM to derive it."
+    if [[ -n ${SOFTCLIP_GRAD_ACCUM:-} && ${SOFTCLIP_GRAD_ACCUM} != "$accum" ]]; then
+        die "SOFTCLIP_GRAD_ACCUM=$SOFTCLIP_GRAD_ACCUM disagrees with SOFTCLIP_GLOBAL_BATCH=$g / (SOFTCLIP_MICRO_BATCH=$m x $WORLD ranks) = $accum; unset SOFTCLIP_GRAD_ACCUM to derive it."
     fi
-    GRAD_ACCUM=$accum
+    SOFTCLIP_GRAD_ACCUM=$accum
     echo "== global batch $g = $NNODES nodes x $TASKS_PER_NODE ranks x micro batch $m x accumulation $accum"
 }
 
@@ -132,7 +138,7 @@ master_env() {
     # `|| true`: with pipefail, head closing the pipe early must not count as a failure
     MASTER_ADDR=$({ scontrol show hostnames "$SLURM_JOB_NODELIST" || true; } | head -n1)
     [[ -n $MASTER_ADDR ]] || die "scontrol show hostnames gave no host for SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST."
-    MASTER_PORT=${MASTER_PORT:-$(( 15000 + SLURM_JOB_ID % 15000 ))}
+    MASTER_PORT=${SOFTCLIP_MASTER_PORT:-$(( 15000 + SLURM_JOB_ID % 15000 ))}
     export MASTER_ADDR MASTER_PORT
     echo "== master $MASTER_ADDR:$MASTER_PORT, $WORLD ranks ($NNODES nodes x $TASKS_PER_NODE, $DEVICES_DESC)"
 }
@@ -146,9 +152,9 @@ master_env() {
 run_ranks() {
     local cpt=()
     [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && cpt=(--cpus-per-task="$SLURM_CPUS_PER_TASK")  # srun no longer inherits it (22.05+)
-    # shellcheck disable=SC2086  # SRUN_ARGS is a list of options on purpose
-    srun --ntasks="$WORLD" --ntasks-per-node="$TASKS_PER_NODE" "${cpt[@]}" --wait="$SRUN_WAIT" \
-        --kill-on-bad-exit=0 ${SRUN_ARGS:-} "$@" &
+    # shellcheck disable=SC2086  # SOFTCLIP_SRUN_ARGS is a list of options on purpose
+    srun --ntasks="$WORLD" --ntasks-per-node="$TASKS_PER_NODE" "${cpt[@]}" --wait="$SOFTCLIP_SRUN_WAIT" \
+        --kill-on-bad-exit=0 ${SOFTCLIP_SRUN_ARGS:-} "$@" &
     local pid=$!
     trap 'echo "== $(date -Is) batch shell got SIGUSR1: forwarding to the ranks (srun $pid)"; kill -USR1 '"$pid"' 2>/dev/null || true' USR1
     while kill -0 "$pid" 2>/dev/null; do
@@ -161,18 +167,18 @@ run_ranks() {
     trap - USR1
 }
 
-# Run the trainer on every rank; requeue on its preemption code, bounded by MAX_RESTARTS.
+# Run the trainer on every rank; requeue on its preemption code, bounded by SOFTCLIP_MAX_RESTARTS.
 train_and_requeue() {
     echo "== $(date -Is) launching: $*"
     run_ranks "$@"
     local rc=$RANKS_RC restarts=${SLURM_RESTART_COUNT:-0}
     if (( rc == EXIT_PREEMPTED )); then
-        if (( restarts >= MAX_RESTARTS )); then
-            echo "== checkpointed and stopped (exit $rc), but this job has already been requeued $restarts times (MAX_RESTARTS=$MAX_RESTARTS); not requeuing. To continue from its latest checkpoint, resubmit with OUTPUT_DIR=${OUTPUT_DIR:-<this run directory>}." >&2
+        if (( restarts >= SOFTCLIP_MAX_RESTARTS )); then
+            echo "== checkpointed and stopped (exit $rc), but this job has already been requeued $restarts times (SOFTCLIP_MAX_RESTARTS=$SOFTCLIP_MAX_RESTARTS); not requeuing. To continue from its latest checkpoint, resubmit with SOFTCLIP_OUTPUT_DIR=${SOFTCLIP_OUTPUT_DIR:-<this run directory>}." >&2
             exit "$rc"
         fi
-        echo "== $(date -Is) trainer checkpointed and stopped (exit $rc); requeuing job $SLURM_JOB_ID (restart $(( restarts + 1 )) of at most $MAX_RESTARTS)"
-        scontrol requeue "$SLURM_JOB_ID" || { echo "error: scontrol requeue $SLURM_JOB_ID failed; resubmit with OUTPUT_DIR=${OUTPUT_DIR:-<this run directory>} to resume from its latest checkpoint." >&2; exit "$rc"; }
+        echo "== $(date -Is) trainer checkpointed and stopped (exit $rc); requeuing job $SLURM_JOB_ID (restart $(( restarts + 1 )) of at most $SOFTCLIP_MAX_RESTARTS)"
+        scontrol requeue "$SLURM_JOB_ID" || { echo "error: scontrol requeue $SLURM_JOB_ID failed; resubmit with SOFTCLIP_OUTPUT_DIR=${SOFTCLIP_OUTPUT_DIR:-<this run directory>} to resume from its latest checkpoint." >&2; exit "$rc"; }
         exit 0
     fi
     if (( rc == 128 + 10 )); then  # SIGUSR1's default action: it arrived before the trainer's handler
@@ -190,47 +196,47 @@ train_and_requeue() {
 trainer_args() {
     TRAINER_ARGS=(
         pretrain/main.py
-        --deepspeed_config "$DS_CONFIG" --model "$MODEL" --loss "$LOSS"
-        --train-data "$TRAIN_DATA" --tokenizer "$TOKENIZER"
-        --batch-size "$GLOBAL_BATCH" --micro-batch "$MICRO_BATCH" --grad-accum "$GRAD_ACCUM"
-        --steps "$STEPS" --warmup "$WARMUP" --lr "$LR" --min-lr "$MIN_LR" --weight-decay "$WD"
-        --save-every "$SAVE_EVERY" --eval-every "$EVAL_EVERY" --log-every "$LOG_EVERY"
-        --zeroshot-data "$ZEROSHOT_DATA" --retrieval-data "$RETRIEVAL_DATA"
-        --workers "$WORKERS" --seed "$SEED" --report-to "$REPORT_TO"
-        --output-dir "$OUTPUT_DIR" --resume latest
+        --deepspeed_config "$SOFTCLIP_DS_CONFIG" --model "$SOFTCLIP_MODEL" --loss "$SOFTCLIP_LOSS"
+        --train-data "$SOFTCLIP_TRAIN_DATA" --tokenizer "$SOFTCLIP_TOKENIZER"
+        --batch-size "$SOFTCLIP_GLOBAL_BATCH" --micro-batch "$SOFTCLIP_MICRO_BATCH" --grad-accum "$SOFTCLIP_GRAD_ACCUM"
+        --steps "$SOFTCLIP_STEPS" --warmup "$SOFTCLIP_WARMUP" --lr "$SOFTCLIP_LR" --min-lr "$SOFTCLIP_MIN_LR" --weight-decay "$SOFTCLIP_WD"
+        --save-every "$SOFTCLIP_SAVE_EVERY" --eval-every "$SOFTCLIP_EVAL_EVERY" --log-every "$SOFTCLIP_LOG_EVERY"
+        --zeroshot-data "$SOFTCLIP_ZEROSHOT_DATA" --retrieval-data "$SOFTCLIP_RETRIEVAL_DATA"
+        --workers "$SOFTCLIP_WORKERS" --seed "$SOFTCLIP_SEED" --report-to "$SOFTCLIP_REPORT_TO"
+        --output-dir "$SOFTCLIP_OUTPUT_DIR" --resume latest
     )
-    [[ -n ${TRAIN_NUM_SAMPLES:-} ]] && TRAINER_ARGS+=(--train-num-samples "$TRAIN_NUM_SAMPLES")
-    [[ ${GRAD_CHECKPOINTING:-0} == 1 ]] && TRAINER_ARGS+=(--grad-checkpointing)
-    [[ ${ZERO_INIT:-0} == 1 ]] && TRAINER_ARGS+=(--zero-init)
-    case $LOSS in
-        softclip) TRAINER_ARGS+=(--alpha "$ALPHA" --beta "$BETA" --soft-temperature "$SOFT_TEMPERATURE"
-                                 --soft-source "$SOFT_SOURCE") ;;
+    [[ -n ${SOFTCLIP_TRAIN_NUM_SAMPLES:-} ]] && TRAINER_ARGS+=(--train-num-samples "$SOFTCLIP_TRAIN_NUM_SAMPLES")
+    [[ ${SOFTCLIP_GRAD_CHECKPOINTING:-0} == 1 ]] && TRAINER_ARGS+=(--grad-checkpointing)
+    [[ ${SOFTCLIP_ZERO_INIT:-0} == 1 ]] && TRAINER_ARGS+=(--zero-init)
+    case $SOFTCLIP_LOSS in
+        softclip) TRAINER_ARGS+=(--alpha "$SOFTCLIP_ALPHA" --beta "$SOFTCLIP_BETA" --soft-temperature "$SOFTCLIP_SOFT_TEMPERATURE"
+                                 --soft-source "$SOFTCLIP_SOFT_SOURCE") ;;
         clip) ;;
-        *) die "LOSS=$LOSS: choose clip or softclip." ;;
+        *) die "SOFTCLIP_LOSS=$SOFTCLIP_LOSS: choose clip or softclip." ;;
     esac
-    # shellcheck disable=SC2206  # EXTRA_ARGS: further trainer flags, split on spaces
-    TRAINER_ARGS+=(${EXTRA_ARGS:-})
+    # shellcheck disable=SC2206  # SOFTCLIP_EXTRA_ARGS: further trainer flags, split on spaces
+    TRAINER_ARGS+=(${SOFTCLIP_EXTRA_ARGS:-})
     return 0
 }
 
 # The whole training job: checks, layout, batch split, master, launch, requeue.
 launch_training() {
-    case $LOSS in clip | softclip) ;; *) die "LOSS=$LOSS: choose clip or softclip." ;; esac
-    check_file DS_CONFIG "$DS_CONFIG" "the repo ships ds_configs/zero3_bf16.json and ds_configs/cpu.json"
-    check_shards TRAIN_DATA "$TRAIN_DATA" "set TRAIN_DATA to your img2dataset shards, e.g. /data/cc12m/{00000..01242}.tar"
-    check_dir TOKENIZER "$TOKENIZER" "train one with data.tokenizer.train_tokenizer or use data/embedded/tokenizer"
-    check_eval_data ZEROSHOT_DATA "$ZEROSHOT_DATA"
-    check_eval_data RETRIEVAL_DATA "$RETRIEVAL_DATA"
+    case $SOFTCLIP_LOSS in clip | softclip) ;; *) die "SOFTCLIP_LOSS=$SOFTCLIP_LOSS: choose clip or softclip." ;; esac
+    check_file SOFTCLIP_DS_CONFIG "$SOFTCLIP_DS_CONFIG" "the repo ships ds_configs/zero3_bf16.json and ds_configs/cpu.json"
+    check_shards SOFTCLIP_TRAIN_DATA "$SOFTCLIP_TRAIN_DATA" "set SOFTCLIP_TRAIN_DATA to your img2dataset shards, e.g. /data/cc12m/{00000..01242}.tar"
+    check_dir SOFTCLIP_TOKENIZER "$SOFTCLIP_TOKENIZER" "train one with data.tokenizer.train_tokenizer or use data/embedded/tokenizer"
+    check_eval_data SOFTCLIP_ZEROSHOT_DATA "$SOFTCLIP_ZEROSHOT_DATA"
+    check_eval_data SOFTCLIP_RETRIEVAL_DATA "$SOFTCLIP_RETRIEVAL_DATA"
     world_layout
     batch_split
-    if [[ -z ${WORKERS:-} ]]; then  # data loader processes per rank: the task's CPUs minus the rank itself
+    if [[ -z ${SOFTCLIP_WORKERS:-} ]]; then  # data loader processes per rank: the task's CPUs minus the rank itself
         local c=${SLURM_CPUS_PER_TASK:-2}
-        WORKERS=$(( c > 2 ? c - 2 : 1 ))
+        SOFTCLIP_WORKERS=$(( c > 2 ? c - 2 : 1 ))
     fi
-    OUTPUT_DIR=${OUTPUT_DIR:-$RUNS_DIR/$SLURM_JOB_NAME-$SLURM_JOB_ID}
-    mkdir -p "$OUTPUT_DIR" || die "OUTPUT_DIR=$OUTPUT_DIR cannot be created; set OUTPUT_DIR or RUNS_DIR to a writable shared directory."
-    echo "== run directory $OUTPUT_DIR"
+    SOFTCLIP_OUTPUT_DIR=${SOFTCLIP_OUTPUT_DIR:-$SOFTCLIP_RUNS_DIR/$SLURM_JOB_NAME-$SLURM_JOB_ID}
+    mkdir -p "$SOFTCLIP_OUTPUT_DIR" || die "SOFTCLIP_OUTPUT_DIR=$SOFTCLIP_OUTPUT_DIR cannot be created; set SOFTCLIP_OUTPUT_DIR or SOFTCLIP_RUNS_DIR to a writable shared directory."
+    echo "== run directory $SOFTCLIP_OUTPUT_DIR"
     master_env
     trainer_args
-    train_and_requeue "$PYTHON" -u "${TRAINER_ARGS[@]}"
+    train_and_requeue "$SOFTCLIP_PYTHON" -u "${TRAINER_ARGS[@]}"
 }
