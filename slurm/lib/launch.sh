@@ -157,6 +157,17 @@ run_ranks() {
     trap - USR1
 }
 
+# DeepSpeed's FusedAdam, when the config makes it a JIT build (pretrain/fused_adam.py): built once
+# per job, by one task on the first node in the ranks' environment (SETUP_CMD, SRUN_ARGS), before srun
+# starts the ranks, which then find it up to date in TORCH_EXTENSIONS_DIR and only load it; otherwise
+# every rank of every node compiles it at once. TORCH_EXTENSIONS_DIR must be on a filesystem all nodes
+# share (torch's default, ~/.cache/torch_extensions, usually is). Exit 2 when it cannot be built.
+prebuild_fused_adam() {
+    # shellcheck disable=SC2086  # SRUN_ARGS is a list of options on purpose
+    srun --ntasks=1 --nodes=1 ${SRUN_ARGS:-} "$PYTHON" -m pretrain.fused_adam "$DS_CONFIG" \
+        || { echo "== FusedAdam prebuild failed (message above); not starting the ranks." >&2; exit "$EXIT_SETUP"; }
+}
+
 # Run the trainer on every rank; requeue on its preemption code, bounded by MAX_RESTARTS.
 train_and_requeue() {
     echo "== $(date -Is) launching: $*"
@@ -228,5 +239,6 @@ launch_training() {
     echo "== run directory $OUTPUT_DIR"
     master_env
     trainer_args
+    prebuild_fused_adam
     train_and_requeue "$PYTHON" -u "${TRAINER_ARGS[@]}"
 }
