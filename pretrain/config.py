@@ -52,6 +52,7 @@ class TrainConfig:
     # data
     train_data: str                # webdataset shard pattern, e.g. ".../{00000..01242}.tar"
     train_num_samples: int | None  # samples per epoch, needed only for epoch units
+    data_sampling: str             # "resampled" (endless draws with replacement) or "epochs" (each sample once per seeded epoch)
     tokenizer: str
     workers: int
     seed: int
@@ -126,7 +127,7 @@ DEFAULTS = dict(
     model="tiny", loss="softclip", alpha=0.2, beta=0.0, soft_temperature=0.1, soft_source="both",
     soft_standardize=False, soft_topk=None, soft_warmup="0", soft_image_source="online",
     soft_text_source="online", ema_decay=0.999,
-    grad_checkpointing=False, zero_init=False, train_data=None, train_num_samples=None,
+    grad_checkpointing=False, zero_init=False, train_data=None, train_num_samples=None, data_sampling="resampled",
     tokenizer="data/embedded/tokenizer", workers=2, seed=0, zeroshot_data="embedded",
     retrieval_data="embedded", eval_batch_size=256, steps=1000, warmup="5%", save_every="10%",
     eval_every="0", log_every=10, lr=None, blr=None, min_lr=0.0, weight_decay=0.1, batch_size=None,
@@ -136,6 +137,7 @@ DEFAULTS = dict(
 SOFT_OPTIONS = ("alpha", "beta", "soft_temperature", "soft_source", "soft_standardize", "soft_topk",
                 "soft_warmup", "soft_image_source", "soft_text_source", "ema_decay")
 TARGET_SOURCES = ("online", "precomputed", "ema")
+DATA_SAMPLING = ("resampled", "epochs")  # data.make_train_loader(resampled=True / False)
 FINE_MEMBER = {"image": "fine_img", "text": "fine_txt"}  # shard member of each modality (data/fine.py)
 DEFAULT_LR = 5e-4
 
@@ -161,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--zero-init", action="store_true", help="build the model partitioned (ZeRO-3, very large models)")
     a("--train-data", help="webdataset shards: a brace pattern, a directory of .tar files or a list with '::'")
     a("--train-num-samples", type=int, help="samples per epoch (needed for epoch units only)")
+    a("--data-sampling", choices=list(DATA_SAMPLING),
+      help="resampled (default: shards drawn with replacement, any shard count) or epochs (every sample "
+           "once per epoch in a seeded order; needs at least world size x workers shards)")
     a("--tokenizer", help="tokenizer directory (data.tokenizer)")
     a("--workers", type=int); a("--seed", type=int)
     a("--zeroshot-data", help="'embedded' (Fashion-MNIST and emoji categories, val and test), 'none', a class folder or labelled shards")
@@ -246,6 +251,8 @@ def build_config(argv: list[str] | None, env: DistEnv, cuda: bool, check_files: 
     need(raw["soft_source"] in ("image", "text", "both"),
          f"--soft-source {raw['soft_source']!r} must be image, text or both.")
     check_target_sources(raw, explicit, problems)
+    need(raw["data_sampling"] in DATA_SAMPLING,
+         f"--data-sampling {raw['data_sampling']!r} must be one of {', '.join(DATA_SAMPLING)}.")
     need(raw["train_data"] is not None, "--train-data is required (e.g. data/embedded/shards/train-{000000..000003}.tar).")
     need(raw["output_dir"] is not None, "--output-dir is required (the run directory).")
     for k in ("workers", "log_every", "keep_checkpoints", "max_nonfinite", "eval_batch_size"):
@@ -316,7 +323,8 @@ def build_config(argv: list[str] | None, env: DistEnv, cuda: bool, check_files: 
         soft_image_source=str(raw["soft_image_source"]), soft_text_source=str(raw["soft_text_source"]),
         ema_decay=float(raw["ema_decay"]),
         grad_checkpointing=bool(raw["grad_checkpointing"]), zero_init=bool(raw["zero_init"]),
-        train_data=str(raw["train_data"]), train_num_samples=n_ep, tokenizer=str(raw["tokenizer"]),
+        train_data=str(raw["train_data"]), train_num_samples=n_ep, data_sampling=str(raw["data_sampling"]),
+        tokenizer=str(raw["tokenizer"]),
         workers=int(raw["workers"]), seed=int(raw["seed"]), zeroshot_data=str(raw["zeroshot_data"]),
         retrieval_data=str(raw["retrieval_data"]), eval_batch_size=int(raw["eval_batch_size"]),
         steps=steps, warmup_steps=warmup, save_every=save_every, eval_every=eval_every,

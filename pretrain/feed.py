@@ -45,7 +45,8 @@ class Feed:
         self.loader = make_train_loader(
             cfg.train_data, tokenizer, batch_size=cfg.micro_batch, image_size=v.image_size, mean=v.mean,
             std=v.std, rank=env.rank, world_size=env.world_size, num_workers=cfg.workers,
-            seed=state.data_seed, epoch=state.data_epoch, resampled=True, num_samples=cfg.train_num_samples,
+            seed=state.data_seed, epoch=state.data_epoch, resampled=cfg.data_sampling == "resampled",
+            num_samples=cfg.train_num_samples,
             fine_members=cfg.fine_members,  # precomputed target features: batch["fine_txt"], ...
             pin_memory=torch.cuda.is_available())  # the ranks run on CUDA then (pretrain/main.py): async copies
         self._it = None

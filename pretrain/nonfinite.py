@@ -43,19 +43,28 @@ def gradients_finite(engine) -> bool:
 def skip_step(engine) -> None:
     """engine.step() that updates nothing and discards the accumulated gradients (every rank).
 
-    Without ZeRO partitioning the gradients are dropped first (torch's AdamW then skips every
-    parameter, its moments untouched); with ZeRO DeepSpeed's own invalid-norm check skips the update
-    and clears its buffers. If it did not (a DeepSpeed whose check differs), the weights may be
-    poisoned: stop before they can be checkpointed.
+    engine.step() still runs, so DeepSpeed's micro-step and step counters stay in line with ours.
+    With ZeRO, DeepSpeed's own invalid-norm check skips the update and clears its buffers; if it did
+    not (a DeepSpeed whose check differs), the weights may be poisoned: stop before they can be
+    checkpointed. Without ZeRO nothing would stop it: the gradients are zeroed (gradient clipping
+    then sees a zero norm) and the optimizer's step is a no-op for this one call (its moments and
+    step count untouched, as in a skipped step).
     """
     from pretrain.engine import NonFiniteLoss
-    zero = engine.zero_optimization_stage() > 0
-    if not zero:
+    if engine.zero_optimization_stage() == 0:
         for p in engine.module.parameters():
-            p.grad = None
+            if p.grad is not None:
+                p.grad.zero_()
+        optimizer = engine.optimizer
+        optimizer.step = lambda *args, **kwargs: None  # instance attribute shadows the method ...
+        try:
+            engine.step()
+        finally:
+            del optimizer.step                          # ... until removed again
+        return
     skipped = engine.skipped_steps
     engine.step()
-    if zero and engine.skipped_steps == skipped:
+    if engine.skipped_steps == skipped:
         raise NonFiniteLoss("DeepSpeed applied an optimizer step whose gradients were non-finite; the weights "
                             "may be corrupt. --resume latest (the last checkpoint predates it).")
 

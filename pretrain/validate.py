@@ -59,6 +59,10 @@ def check_ds_config(path: str, cuda: bool, problems: list[str], derived: list[st
             # torch's AdamW is as fast for the small models that train on CPU.
             params["torch_adam"] = True
             derived.append("optimizer: torch AdamW (no GPU; DeepSpeed's fused Adam needs one)")
+        from pretrain.fused_adam import fused_adam_problem, gather_facts
+        problem = fused_adam_problem(gather_facts(ds, cuda))
+        if problem:
+            problems.append(f"--deepspeed_config {path}: {problem}")
         for k in ("lr", "weight_decay"):
             params.pop(k, None) if params.get(k) == "auto" else None
     leftover = [k for k, v in _walk(ds) if v == "auto" and k.split(".")[-1] not in BATCH_KEYS]
@@ -210,6 +214,12 @@ def check_data_and_model(raw: dict, resume: str | None, env, problems: list[str]
         problems.append(f"--train-data: {len(missing)} of {len(urls)} shards not found, e.g. {missing[0]}{hint}.")
     if urls and not missing:
         check_fine_members(raw, problems)
+    if urls and raw.get("data_sampling") == "epochs":
+        from data.shards import check_split
+        try:
+            check_split(len(urls), env.world_size, max(1, int(raw["workers"])))
+        except ValueError as e:
+            problems.append(f"--data-sampling epochs: {e}")
     tok_dir = Path(raw["tokenizer"])
     if not tok_dir.exists():
         problems.append(f"--tokenizer {tok_dir} does not exist (build the embedded one with "

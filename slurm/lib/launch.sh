@@ -167,6 +167,17 @@ run_ranks() {
     trap - USR1
 }
 
+# DeepSpeed's FusedAdam, when the config makes it a JIT build (pretrain/fused_adam.py): built once
+# per job, by one task on the first node in the ranks' environment (SOFTCLIP_SETUP_CMD, SOFTCLIP_SRUN_ARGS), before srun
+# starts the ranks, which then find it up to date in TORCH_EXTENSIONS_DIR and only load it; otherwise
+# every rank of every node compiles it at once. TORCH_EXTENSIONS_DIR must be on a filesystem all nodes
+# share (torch's default, ~/.cache/torch_extensions, usually is). Exit 2 when it cannot be built.
+prebuild_fused_adam() {
+    # shellcheck disable=SC2086  # SOFTCLIP_SRUN_ARGS is a list of options on purpose
+    srun --ntasks=1 --nodes=1 ${SOFTCLIP_SRUN_ARGS:-} "$SOFTCLIP_PYTHON" -m pretrain.fused_adam "$SOFTCLIP_DS_CONFIG" \
+        || { echo "== FusedAdam prebuild failed (message above); not starting the ranks." >&2; exit "$EXIT_SETUP"; }
+}
+
 # Run the trainer on every rank; requeue on its preemption code, bounded by SOFTCLIP_MAX_RESTARTS.
 train_and_requeue() {
     echo "== $(date -Is) launching: $*"
@@ -238,5 +249,6 @@ launch_training() {
     echo "== run directory $SOFTCLIP_OUTPUT_DIR"
     master_env
     trainer_args
+    prebuild_fused_adam
     train_and_requeue "$SOFTCLIP_PYTHON" -u "${TRAINER_ARGS[@]}"
 }
