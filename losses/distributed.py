@@ -1,12 +1,20 @@
 """Collectives the losses use, as named functions that tests can monkeypatch.
 
 Both helpers concatenate the per-rank tensors along dim 0 in rank order, so row
-``rank * b + i`` of the result is row ``i`` of rank ``rank``. In a single process
-(``world_size == 1``) they return the input unchanged and need no process group.
-All ranks must pass tensors of the same shape.
+``rank * b + i`` of the result is row ``i`` of rank ``rank``. Without a process group
+(``world_size == 1``, plain single-process use) they return the input unchanged. Once a
+group exists they always run the collective, one rank included: a one-GPU NCCL run then
+executes exactly the gathers a multi-GPU run does (dtypes, devices), so `make gpu-check`
+on one GPU would catch what breaks them. All ranks must pass tensors of the same shape.
 """
 import torch
 import torch.distributed as dist
+
+
+def _single_process(world_size: int) -> bool:
+    # A loss built with world_size=1 inside a larger group (a local reference computation) stays local.
+    one_rank_group = dist.is_available() and dist.is_initialized() and dist.get_world_size() == 1
+    return world_size == 1 and not one_rank_group
 
 
 def all_gather_with_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -17,7 +25,7 @@ def all_gather_with_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
     per-rank loss that is the mean over its own rows, the engine's gradient
     averaging over ranks then gives exactly the full-batch gradient.
     """
-    if world_size == 1:
+    if _single_process(world_size):
         return x
     from torch.distributed._functional_collectives import all_gather_single_autograd
 
@@ -34,7 +42,7 @@ def all_gather_no_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
     exactly one copy of the gathered columns (at detector shapes, 36 x 2048 fp16 per sample,
     4.5 GiB at N = 32,768 instead of the 18 GiB a list plus a concatenation in fp32 held).
     """
-    if world_size == 1:
+    if _single_process(world_size):
         return x
     x = x.detach().contiguous()
     # gloo has no bool all-gather; masks travel as uint8 (a view, same bytes) and come back as bool.
@@ -54,7 +62,7 @@ def all_gather_keep_local_grad(x: torch.Tensor, rank: int, world_size: int) -> t
     full-batch loss and the averaged gradient equals the full-batch gradient divided by
     the world size.
     """
-    if world_size == 1:
+    if _single_process(world_size):
         return x
     parts = list(all_gather_no_grad(x, world_size).chunk(world_size, dim=0))
     parts[rank] = x
