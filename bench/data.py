@@ -9,6 +9,12 @@ with its own tokenizer (the BPE SimpleTokenizer, what an open_clip user runs), a
 our SentencePiece tokenizer (isolates image decoding and transforms). Throughput is measured after
 the first batch (worker start-up and shuffle-buffer fill excluded) and the best of `--repeats` runs
 is reported, since the machine may be shared. Shards are written to --work-dir once and reused.
+
+Our batches carry uint8 images (normalised later, on the GPU); open_clip's carry normalised fp32.
+The figure is one rank's: its DataLoader workers feeding one consumer process. After the table the
+script prints what one GPU running ViT-L-14 consumes (its training FLOPs per image at 40% MFU of an
+H100/H200's bf16 peak) and how many workers per rank that takes at the measured rate per worker.
+    python bench/data.py --shards synthetic --workers 2      # the README's 224-px figure
 """
 
 from __future__ import annotations
@@ -108,6 +114,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=40, help="batches timed per run (after the first)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per pipeline; the best is reported")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/softclip_bench_data"))
+    parser.add_argument("--shards", default="embedded,synthetic", help="comma list: embedded, synthetic (224 px)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -115,8 +122,12 @@ def main() -> None:
     work = args.work_dir
     manifest = ensure_built(work / "embedded", tokenizer_out=work / "tokenizer", progress=True)
     tok = Tokenizer.load(work / "tokenizer")
-    datasets = {"embedded (PNG 28/64 px -> 32)": (shard_pattern("train", work / "embedded"), 32),
-                "synthetic JPEG 256 px -> 224": (synthetic_shards(work), 224)}
+    chosen = set(args.shards.split(","))
+    datasets = {}
+    if "embedded" in chosen:
+        datasets["embedded (PNG 28/64 px -> 32)"] = (shard_pattern("train", work / "embedded"), 32)
+    if "synthetic" in chosen:
+        datasets["synthetic JPEG 256 px -> 224"] = (synthetic_shards(work), 224)
     openclip_bpe = open_clip.get_tokenizer("ViT-B-16")
     pipelines = {
         "ours": lambda p, s: ours(p, tok, s, args),
@@ -143,6 +154,23 @@ def main() -> None:
         for name in pipelines:
             startup, rate = results[(dataset, name)]
             print(f"| {dataset} | {name} | {rate:.0f} | {rate / reference:.2f}x | {startup:.1f} |")
+    if "synthetic" in chosen:
+        per_worker = results[("synthetic JPEG 256 px -> 224", "ours")][1] / max(1, args.workers)
+        need = vit_l_images_per_s()
+        print(f"\nOne GPU training ViT-L-14 at 40% MFU of 989 TFLOP/s (H100/H200 bf16) consumes {need:.0f} images/s "
+              f"({train_flops_per_image() / 1e12:.2f} TFLOP each). At {per_worker:.0f} images/s per worker "
+              f"(224 px, this machine's cores) a rank needs {math.ceil(need / per_worker)} workers.")
+
+
+def train_flops_per_image() -> float:
+    from bench.train import train_flops
+    from models.config import get_model_config
+    return train_flops(get_model_config("ViT-L-14"), 1)
+
+
+def vit_l_images_per_s(mfu: float = 0.4) -> float:
+    from bench.train import PEAK_TFLOPS
+    return mfu * PEAK_TFLOPS["H100"] * 1e12 / train_flops_per_image()
 
 
 if __name__ == "__main__":

@@ -116,3 +116,25 @@ def test_similarity_never_copies_all_columns():
     peak = queue.get(timeout=120)
     proc.join(timeout=60)
     assert peak < 48 << 20, f"fine_similarity's peak rose by {peak / 2**20:.0f} MiB over 64 MiB of fp16 columns"
+
+
+def one_rank_worker(rank, port, out_dir):
+    """One rank in a process group, as on one GPU: the gathers must run (and change nothing)."""
+    torch.set_num_threads(1)
+    reference = run(half_batch(), 0, 1)                  # before the group exists: no collective
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    calls = []
+    gather = dist.all_gather_single
+    dist.all_gather_single = lambda out, x, *a, **k: calls.append(x.dtype) or gather(out, x, *a, **k)
+    got = run(half_batch(), 0, 1)
+    torch.save({"reference": reference, "got": got, "calls": calls}, os.path.join(out_dir, "one.pt"))
+    dist.destroy_process_group()
+
+
+def test_a_one_rank_group_runs_every_gather_a_multi_rank_run_does(tmp_path):
+    mp.spawn(one_rank_worker, args=(free_port(), str(tmp_path)), nprocs=1)
+    r = torch.load(tmp_path / "one.pt")
+    # image and text features (fp16) and their masks (bool, sent as uint8): four value-only gathers
+    assert sorted(map(str, r["calls"])) == ["torch.float16", "torch.float16", "torch.uint8", "torch.uint8"]
+    assert torch.equal(r["got"][0], r["reference"][0])
+    assert all(torch.equal(r["got"][1][k], r["reference"][1][k]) for k in INPUTS)
