@@ -9,12 +9,16 @@ module) and times forward + backward + optimizer step on a fixed synthetic batch
 is excluded; the median of --iters steps after --warmup is reported. SoftCLIP runs once per target
 source (--sources): online (the model's own tokens), precomputed text (synthetic [B, 32, 384] features
 in place of MiniLM's, image online) and ema (an EMA teacher for both towers: one extra no-grad forward
-and the EMA update per step). FLOPs are an estimate:
+and the EMA update per step). With --accum A > 1 every source is timed twice per optimizer step of A
+micro-batches: --contrastive-batch micro (each micro-batch's loss sees micro x W columns) and global
+(pretrain/accumulate.py: all micro x A x W columns; one extra no-grad forward per micro-batch), with
+the size of the global mode's feature cache per rank. FLOPs are an estimate:
 3 x (2 x matmul parameters x tokens + 4 x layers x tokens^2 x width) per tower (no recompute).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -60,14 +64,16 @@ SOURCES = {  # row label -> trainer flags
 FINE_TXT_SHAPE = (32, 384)  # all-MiniLM-L6-v2 token features, as data.precompute_fine writes them
 
 
-def bench_one(model_name: str, source: str, args, env, cuda: bool) -> dict:
+def bench_one(model_name: str, source: str, args, env, cuda: bool, mode: str = "micro") -> dict:
     from models import create_model
     from pretrain.config import build_config
-    from pretrain.engine import build_engine, build_loss
+    from pretrain import accumulate
+    from pretrain.engine import TrainState, build_engine, build_loss
     from pretrain.teacher import build_teacher
     out = tempfile.mkdtemp(prefix="bench_train_")
     flags = ["--model", model_name, *SOURCES[source], "--train-data", "unused", "--output-dir", out,
-             "--micro-batch", str(args.micro_batch), "--steps", "1000"]
+             "--micro-batch", str(args.micro_batch), "--steps", "1000", "--grad-accum", str(args.accum),
+             "--contrastive-batch", mode]
     if args.deepspeed_config:
         flags += ["--deepspeed_config", args.deepspeed_config]
     elif not cuda:
@@ -87,14 +93,19 @@ def bench_one(model_name: str, source: str, args, env, cuda: bool) -> dict:
         n = FINE_TXT_SHAPE[0]
         mask = torch.arange(n)[None] < torch.randint(4, n + 1, (args.micro_batch, 1), generator=g)  # valid rows
         fine = {"fine_txt": (x * mask[..., None]).to(engine.device), "fine_txt_mask": mask.to(engine.device)}
-    times = []
+    times, state = [], TrainState()
+    batches = itertools.repeat({"images": images, "input_ids": ids, "skipped": 0, **(fine or {})})
     for i in range(args.warmup + args.iters):
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        terms = engine(images, ids, fine=fine)
-        engine.backward(terms["loss"])
-        engine.step()
+        if accumulate.global_batch_mode(cfg):
+            accumulate.step(engine, batches, cfg, state)
+        else:
+            for _ in range(cfg.grad_accum):
+                terms = engine(images, ids, fine=fine)
+                engine.backward(terms["loss"])
+                engine.step()
         if ema is not None:
             ema.update()
         if cuda:
@@ -102,11 +113,16 @@ def bench_one(model_name: str, source: str, args, env, cuda: bool) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     step = statistics.median(times)
-    rec = dict(model=model_name, loss=source, ms=1e3 * step, samples_s=args.micro_batch * env.world_size / step)
+    rec = dict(model=model_name, loss=source, mode=mode, ms=1e3 * step,
+               samples_s=cfg.global_batch / step, cache_mib=0.0)
+    if accumulate.global_batch_mode(cfg):  # what the cache holds per rank: A x this micro-batch's features
+        with torch.no_grad():
+            feats = engine(images, ids, fine=fine, stage="features")
+        rec["cache_mib"] = cfg.grad_accum * sum(v.nbytes for v in feats.values() if v is not None) / 2 ** 20
     if cuda:
         name = torch.cuda.get_device_name()
         peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-        tflops = train_flops(model.config, args.micro_batch) / step / 1e12
+        tflops = train_flops(model.config, args.micro_batch * cfg.grad_accum) / step / 1e12
         rec.update(tflops=tflops, mfu=tflops / peak if peak else None,
                    mem_gb=torch.cuda.max_memory_allocated() / 2 ** 30)
     del engine, model, teacher, ema
@@ -120,6 +136,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=None, help="comma list (default tiny on CPU, ViT-B-16,ViT-L-14 on CUDA)")
     p.add_argument("--micro-batch", type=int, default=None, help="per-rank batch (default 64 CPU, 128 CUDA)")
+    p.add_argument("--accum", type=int, default=1, help="gradient accumulation A: > 1 times micro and "
+                                                          "global contrastive batches side by side")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--vocab-size", type=int, default=32000)
@@ -140,17 +158,23 @@ def main(argv=None) -> int:
     unknown = [x for x in sources if x not in SOURCES]
     if unknown:
         p.error(f"--sources: unknown {unknown}; choose from {', '.join(SOURCES)}")
-    rows = [bench_one(m, source, args, env, cuda) for m in models for source in sources]
+    modes = ("micro", "global") if args.accum > 1 else ("micro",)
+    rows = [bench_one(m, source, args, env, cuda, mode) for m in models for source in sources for mode in modes]
     if env.is_main:
         dev = torch.cuda.get_device_name() if cuda else f"CPU x {torch.get_num_threads()} threads"
-        print(f"\n{dev}, world size {env.world_size}, micro batch {args.micro_batch}, median of {args.iters} steps")
-        print(f"{'model':<10} {'source':<12} {'ms/step':>9} {'samples/s':>10} {'x clip':>7}"
-              + ("  TFLOP/s    MFU  mem GB" if cuda else ""))
+        print(f"\n{dev}, world size {env.world_size}, micro batch {args.micro_batch}, accumulation {args.accum}, "
+              f"median of {args.iters} optimizer steps")
+        print(f"{'model':<10} {'source':<12} {'batch':<7} {'ms/step':>9} {'samples/s':>10} {'x clip':>7} "
+              f"{'x micro':>7} {'cache MiB':>9}" + ("  TFLOP/s    MFU  mem GB" if cuda else ""))
         for r in rows:
-            clip = next((c for c in rows if c["model"] == r["model"] and c["loss"] == "clip"), None)
+            def same(**kw):
+                return next((c for c in rows if c["model"] == r["model"] and all(c[k] == v for k, v in kw.items())), None)
+            clip, micro = same(loss="clip", mode=r["mode"]), same(loss=r["loss"], mode="micro")
             ratio = f"{r['ms'] / clip['ms']:7.3f}" if clip else f"{'-':>7}"
+            vs_micro = f"{r['ms'] / micro['ms']:7.3f}" if micro and r["mode"] != "micro" else f"{'-':>7}"
             extra = f"  {r['tflops']:7.1f} {r['mfu'] or 0:6.1%} {r['mem_gb']:7.1f}" if cuda else ""
-            print(f"{r['model']:<10} {r['loss']:<12} {r['ms']:9.1f} {r['samples_s']:10.1f} {ratio}{extra}")
+            print(f"{r['model']:<10} {r['loss']:<12} {r['mode']:<7} {r['ms']:9.1f} {r['samples_s']:10.1f} {ratio} "
+                  f"{vs_micro} {r['cache_mib']:9.2f}{extra}")
         print("(source: clip = --loss clip; the others are --loss softclip with that target source; "
               "TFLOP/s counts the student's training FLOPs only)" if cuda else
               "(source: clip = --loss clip; the others are --loss softclip with that target source)")

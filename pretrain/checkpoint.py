@@ -115,8 +115,10 @@ def saved_world_size(tag_dir: Path) -> int | None:
     return len(ranks) or None
 
 
-def resolve_resume(resume: str | None, ckpt_dir: Path, world_size: int, log=print) -> Path | None:
-    """Turn --resume into a complete tag directory (or None: start fresh); check the world size.
+def resolve_resume(resume: str | None, ckpt_dir: Path, world_size: int, log=print,
+                   other_world: bool = False) -> Path | None:
+    """Turn --resume into a complete tag directory (or None: start fresh); check the world size
+    (`other_world`: the caller converts a tag of another world size, pretrain/reshard.py).
 
     Raises CheckpointError with the fix when the checkpoint cannot be loaded by this run.
     """
@@ -138,7 +140,7 @@ def resolve_resume(resume: str | None, ckpt_dir: Path, world_size: int, log=prin
         if reason:
             raise CheckpointError(f"--resume {resume}: {reason}; pick an older tag or --resume latest.")
     saved = saved_world_size(tag_dir)
-    if saved is not None and saved != world_size:
+    if saved is not None and saved != world_size and not other_world:
         # DeepSpeed would otherwise fail deep inside with "Expected N of '*_optim_states.pt' ...".
         raise CheckpointError(
             f"checkpoint {tag_dir} was written by {saved} ranks but this run has {world_size}; ZeRO "

@@ -72,6 +72,7 @@ class TrainConfig:
     micro_batch: int
     grad_accum: int
     world_size: int
+    contrastive_batch: str         # "global": the loss sees all N = micro x accum x world columns; "micro": micro x world
     # run
     output_dir: str
     resume: str | None             # None, "latest" or a checkpoint tag directory
@@ -131,7 +132,7 @@ DEFAULTS = dict(
     tokenizer="data/embedded/tokenizer", workers=2, seed=0, zeroshot_data="embedded",
     retrieval_data="embedded", eval_batch_size=256, steps=1000, warmup="5%", save_every="10%",
     eval_every="0", log_every=10, lr=None, blr=None, min_lr=0.0, weight_decay=0.1, batch_size=None,
-    micro_batch=None, grad_accum=None, output_dir=None, resume=None, keep_checkpoints=2,
+    micro_batch=None, grad_accum=None, contrastive_batch="global", output_dir=None, resume=None, keep_checkpoints=2,
     report_to="jsonl", wandb_project="softclip", max_nonfinite=5, debug_nan="",
     deepspeed_config=None)
 SOFT_OPTIONS = ("alpha", "beta", "soft_temperature", "soft_source", "soft_standardize", "soft_topk",
@@ -182,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch-size", type=int, help="global batch (DeepSpeed train_batch_size)")
     a("--micro-batch", type=int, help="per-device batch (train_micro_batch_size_per_gpu)")
     a("--grad-accum", type=int, help="gradient accumulation steps")
+    a("--contrastive-batch", choices=["global", "micro"],
+      help="columns of the loss under accumulation: the global batch (default; pretrain/accumulate.py) "
+           "or each micro-batch x world size (cheaper, fewer negatives)")
     a("--output-dir", help="run directory: config.json, log.jsonl, results.json, checkpoints/")
     a("--resume", help="'latest' (start fresh if there is none yet) or a checkpoint tag directory")
     a("--keep-checkpoints", type=int)
@@ -270,6 +274,13 @@ def build_config(argv: list[str] | None, env: DistEnv, cuda: bool, check_files: 
     if batch:
         derived.append(f"global batch {global_batch} = micro batch {micro} x accumulation {accum} "
                        f"x world size {env.world_size}")
+    need(raw["contrastive_batch"] in ("global", "micro"), f"--contrastive-batch {raw['contrastive_batch']!r}: "
+                                                           f"choose global or micro.")
+    if batch:
+        columns = global_batch if raw["contrastive_batch"] == "global" else micro * env.world_size
+        derived.append(f"contrastive batch {raw['contrastive_batch']}: the loss scores each pair against "
+                       f"N = {columns} columns" + (" (one extra no-grad forward per micro-batch)"
+                                                    if raw["contrastive_batch"] == "global" and accum > 1 else ""))
 
     # learning rate
     lr = DEFAULT_LR
@@ -330,7 +341,7 @@ def build_config(argv: list[str] | None, env: DistEnv, cuda: bool, check_files: 
         steps=steps, warmup_steps=warmup, save_every=save_every, eval_every=eval_every,
         log_every=int(raw["log_every"]), lr=lr, min_lr=float(raw["min_lr"]),
         weight_decay=float(raw["weight_decay"]), global_batch=global_batch, micro_batch=micro,
-        grad_accum=accum, world_size=env.world_size, output_dir=str(raw["output_dir"]), resume=resume,
+        grad_accum=accum, world_size=env.world_size, contrastive_batch=str(raw["contrastive_batch"]), output_dir=str(raw["output_dir"]), resume=resume,
         keep_checkpoints=int(raw["keep_checkpoints"]), report_to=report_to,
         wandb_project=str(raw["wandb_project"]), max_nonfinite=int(raw["max_nonfinite"]),
         debug_nan=nan_spec, deepspeed_config=ds_path, ds_config=ds,

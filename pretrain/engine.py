@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from losses import ClipLoss, SoftCLIPLoss
-from pretrain import schedule
+from pretrain import accumulate, schedule
 from pretrain.batches import batch_to_device
 from pretrain.config import FINE_MEMBER, TrainConfig
 from pretrain.logit_scale import clamp_logit_scale_
@@ -52,19 +52,36 @@ class TrainTask(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, step: int | None = None,
-                fine: dict | None = None) -> dict:
+                fine: dict | None = None, stage: str = "loss", feature_grads: dict | None = None) -> dict:
         """fine: the batch's precomputed target features, {"fine_txt": [B, n, d], "fine_txt_mask": [B, n],
-        and/or the same for fine_img}; required for the modalities whose source is precomputed."""
+        and/or the same for fine_img}; required for the modalities whose source is precomputed.
+
+        stage: "loss" (the loss of this micro-batch's own columns), or the two halves of a global
+        contrastive batch under accumulation (pretrain/accumulate.py): "features" (what the loss
+        needs of this micro-batch, for the cache; call under no_grad) and "surrogate" (the student's
+        forward again, contracted with `feature_grads`, whose gradient is this micro-batch's share
+        of the global batch's gradient).
+        """
         out = self.model(images, input_ids)
+        if stage == "surrogate":
+            return {"loss": accumulate.surrogate(out, feature_grads)}
+        tokens = {}
         if isinstance(self.loss, SoftCLIPLoss):
-            (image_tokens, image_mask), (text_tokens, text_mask) = (
-                self.target_tokens(m, out, images, input_ids, fine or {}) for m in ("image", "text"))
-            terms = self.loss(out.image_emb, out.text_emb, out.logit_scale, image_tokens,
-                              text_tokens, text_mask, image_mask, step=step)
-        else:
-            terms = self.loss(out.image_emb, out.text_emb, out.logit_scale)
+            for m in ("image", "text"):
+                tokens[m], tokens[m + "_mask"] = self.target_tokens(m, out, images, input_ids, fine or {})
+        if stage == "features":
+            return dict(image_emb=out.image_emb, text_emb=out.text_emb,
+                        logit_scale=out.logit_scale.reshape(()), **tokens)
+        terms = self.score(out.image_emb, out.text_emb, out.logit_scale, tokens, step)
         terms["logit_scale"] = out.logit_scale.detach().reshape(())
         return terms
+
+    def score(self, image_emb, text_emb, logit_scale, tokens: dict, step: int | None) -> dict:
+        """The loss terms; `tokens` holds image/text (+ _mask) target features (SoftCLIP only)."""
+        if isinstance(self.loss, SoftCLIPLoss):
+            return self.loss(image_emb, text_emb, logit_scale, tokens["image"], tokens["text"],
+                             tokens["text_mask"], tokens["image_mask"], step=step)
+        return self.loss(image_emb, text_emb, logit_scale)
 
     def target_tokens(self, modality: str, out, images, input_ids, fine: dict):
         """(tokens, mask) behind the soft targets of one modality, from its configured source."""
@@ -92,15 +109,19 @@ def build_loss(cfg: TrainConfig, rank: int, world_size: int) -> nn.Module:
 
 
 def build_engine(cfg: TrainConfig, model: nn.Module, loss: nn.Module, teacher: nn.Module | None = None,
-                 rank: int = 0):
+                 rank: int = 0, universal: bool = False):
     """The DeepSpeed engine around TrainTask, and the EMA of the teacher (None without an ema source).
 
     `teacher` (pretrain.teacher.build_teacher(model)) is required when cfg.ema_modalities is set.
+    `universal`: the run resumes from a universal checkpoint (another world size, pretrain/reshard.py).
     """
     import deepspeed
     task = TrainTask(model, loss, cfg.target_sources, teacher)
     # param_groups takes requires_grad parameters only: the frozen teacher is in no optimizer group
-    engine, _, _, _ = deepspeed.initialize(model=task, config=cfg.deepspeed_dict(),
+    ds = cfg.deepspeed_dict()
+    if universal:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
+    engine, _, _, _ = deepspeed.initialize(model=task, config=ds,
                                            model_parameters=schedule.param_groups(task, cfg.weight_decay))
     ema = None
     if cfg.ema_modalities:
@@ -116,6 +137,7 @@ class TrainState:
     data_epoch: int = 0           # the data loader's epoch ...
     data_batches: int = 0         # ... and how many batches of it this rank has consumed
     data_seed: int = 0
+    data_batch_samples: int = 0   # micro x world when data_batches was counted (0: not recorded)
     nonfinite_total: int = 0      # micro-batches dropped for a non-finite loss
     nonfinite_grad_total: int = 0  # optimizer steps skipped (and redone) for non-finite gradients
     skipped_samples: int = 0      # samples the data pipeline skipped (undecodable, no text, ...)
@@ -179,6 +201,8 @@ def train(engine, data, cfg: TrainConfig, state: TrainState, log, stop, on_step_
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         sums, micro = {}, 0
+        if accumulate.global_batch_mode(cfg):  # every micro-batch's loss sees all N columns
+            sums, micro = accumulate.step(engine, data, cfg, state), cfg.grad_accum
         while micro < cfg.grad_accum:
             # compute losses
             batch = next(data)

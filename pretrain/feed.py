@@ -50,7 +50,19 @@ class Feed:
             fine_members=cfg.fine_members,  # precomputed target features: batch["fine_txt"], ...
             pin_memory=torch.cuda.is_available())  # the ranks run on CUDA then (pretrain/main.py): async copies
         self._it = None
-        self._start_epoch(state.data_epoch, skip=state.data_batches)
+        self._position(cfg, env)
+
+    def _position(self, cfg: TrainConfig, env) -> None:
+        """Re-create the saved epoch and skip what it consumed."""
+        state = self.state
+        per_batch, skip = cfg.micro_batch * env.world_size, state.data_batches
+        if state.data_batch_samples and state.data_batch_samples != per_batch:
+            # resumed at another world size (pretrain/reshard.py): the samples this epoch has consumed carry
+            # over, rounded down to whole batches of the new size, so the position moves back by less
+            # than micro x world samples and never forward
+            skip = state.data_batches * state.data_batch_samples // per_batch
+        state.data_batch_samples = per_batch
+        self._start_epoch(state.data_epoch, skip=skip)
 
     def _start_epoch(self, epoch: int, skip: int = 0) -> None:
         self.close()

@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # `deepspeed pretrain/main.py` runs this file as 
 
 import torch
 
-from pretrain import checkpoint, dist as pdist, seeding
+from pretrain import checkpoint, dist as pdist, reshard, seeding
 from pretrain.config import ConfigError, TrainConfig, build_config, parse
 from pretrain.signals import EXIT_CONFIG, EXIT_PREEMPTED, StopFlag
 
@@ -59,6 +59,26 @@ def build_model(cfg: TrainConfig, tokenizer):
     return model
 
 
+def build_and_resume(cfg: TrainConfig, env: pdist.DistEnv, model, teacher, log=print):
+    """The engine (and EMA), with --resume's checkpoint loaded: (engine, ema, tag_dir, client_state).
+
+    A tag written by another number of ranks is converted to a universal checkpoint first
+    (pretrain/reshard.py). tag_dir is None for a fresh start. Collective.
+    """
+    from pretrain import engine as eng
+    tag_dir = checkpoint.resolve_resume(cfg.resume, cfg.checkpoint_dir, env.world_size, log=log, other_world=True)
+    saved_world = checkpoint.saved_world_size(tag_dir) if tag_dir is not None else None
+    universal = reshard.prepare(tag_dir, saved_world, env.world_size, env.is_main, barrier, log)
+    engine, ema = eng.build_engine(cfg, model, eng.build_loss(cfg, env.rank, env.world_size), teacher, env.rank,
+                                   universal=universal is not None)
+    if tag_dir is None:
+        return engine, ema, None, {}
+    client_state = checkpoint.load(engine, universal or tag_dir)
+    if ema is not None:
+        reshard.load_ema(ema, tag_dir, saved_world or env.world_size)
+    return engine, ema, tag_dir, client_state
+
+
 def run(cfg: TrainConfig, env: pdist.DistEnv, log, stop: StopFlag) -> int:
     from data.tokenizer import Tokenizer
     from models import get_model_config
@@ -84,14 +104,11 @@ def run(cfg: TrainConfig, env: pdist.DistEnv, log, stop: StopFlag) -> int:
         log.info(f"EMA teacher (decay {cfg.ema_decay}) for the {' and '.join(cfg.ema_modalities)} targets")
     if cfg.target_sources:
         log.info("soft-target features: " + ", ".join(f"{m} {s}" for m, s in cfg.target_sources.items()))
-    engine, ema = eng.build_engine(cfg, model, eng.build_loss(cfg, env.rank, env.world_size), teacher, env.rank)
+    engine, ema, tag_dir, client_state = build_and_resume(cfg, env, model, teacher, log.info)
 
     state = eng.TrainState(data_seed=cfg.seed)
-    tag_dir = checkpoint.resolve_resume(cfg.resume, cfg.checkpoint_dir, env.world_size, log=log.info)
     if tag_dir is not None:
-        state = eng.TrainState.from_client_state(checkpoint.load(engine, tag_dir))
-        if ema is not None:
-            ema.load(tag_dir)
+        state = eng.TrainState.from_client_state(client_state)
         log.info(f"resumed from {tag_dir} at step {state.step} ({state.samples_seen} samples seen)")
         log.write({"kind": "event", "event": "resume", "step": state.step, "tag": str(tag_dir)})
     log.advance(state.step)

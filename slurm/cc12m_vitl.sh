@@ -10,9 +10,10 @@
 #   16 nodes x 8 x 256 x 1 = 32,768   (default, --nodes=16)
 #    8 nodes x 8 x 256 x 2 = 32,768   (sbatch --nodes=8)
 #    4 nodes x 8 x 256 x 4 = 32,768   (sbatch --nodes=4)
-# SOFTCLIP_GRAD_ACCUM is derived from the allocation; a layout that does not divide
-# SOFTCLIP_GLOBAL_BATCH is refused with one message before anything starts. Accumulation adds no
-# negatives: each contrastive loss sees micro batch x ranks pairs (32,768 only at 16 nodes).
+# SOFTCLIP_GRAD_ACCUM is derived from the allocation; a layout that does not divide SOFTCLIP_GLOBAL_BATCH is refused
+# with one message before anything starts. With accumulation every contrastive loss still sees all
+# 32,768 pairs (--contrastive-batch global, the default: one extra no-grad forward per micro-batch;
+# pretrain/accumulate.py). SOFTCLIP_EXTRA_ARGS="--contrastive-batch micro" trades the negatives for that time.
 #
 # Schedule, counted in optimizer steps: CC12M as fetched by img2dataset is ~10M pairs (dead URLs
 # remove the rest), so 32 epochs x 10M / 32,768 = 9,766 -> SOFTCLIP_STEPS=10000. Peak lr, weight

@@ -185,6 +185,31 @@ def test_preemption_checkpoints_requeues_and_resumes(preempted_job):
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{brief(info)}\n{tail(log)}"
 
 
+def test_resubmitted_onto_fewer_tasks_resumes_the_run(cluster, tiny_env, preempted_job, tmp_path):
+    """Shrinking a run: its checkpoint (2 ranks) resumed by a job with --ntasks-per-node=1, same global batch."""
+    tag = f"step_{STEPS:08d}"
+    run = tmp_path / "shrunk"
+    (run / "checkpoints").mkdir(parents=True)  # a copy: the other tests read the original run
+    shutil.copytree(preempted_job["run"] / "checkpoints" / tag, run / "checkpoints" / tag)
+    (run / "checkpoints" / "latest").write_text(tag)
+    env = dict(tiny_env, **softclip_env(GLOBAL_BATCH="32", STEPS=str(STEPS + 2), OUTPUT_DIR=str(run),
+                                        ZEROSHOT_DATA="none", RETRIEVAL_DATA="none"))
+    job = cluster.sbatch("--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1", "--time=30",
+                         SCRIPT, env=env, cwd=REPO)
+    info = cluster.wait(job, TIMEOUT)
+    log = job_log(job).read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{brief(info)}\n{tail(log)}"
+    assert "global batch 32 = 1 nodes x 1 ranks x micro batch 8 x accumulation 4" in log, tail(log)
+    assert "was written by 2 ranks; this run has 1" in log, tail(log)
+    recs = records(run)
+    (resumed,) = events(recs, "resume")
+    assert resumed["step"] == STEPS and train_steps(recs) == [STEPS + 1, STEPS + 2]
+    assert next(r for r in recs if r.get("kind") == "train")["samples_seen"] == (STEPS + 1) * 32
+    manifest = json.loads((run / "checkpoints" / f"step_{STEPS + 2:08d}" / "complete.json").read_text())
+    assert manifest["world_size"] == 1
+    job_log(job).unlink()
+
+
 def test_export_script_writes_a_reloadable_model(cluster, preempted_job):
     run = preempted_job["run"]
     job = cluster.sbatch("--cpus-per-task=1", "--mem=2G", "--time=30", "slurm/export.sh", cwd=REPO,

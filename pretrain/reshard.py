@@ -1,0 +1,119 @@
+"""Resume a checkpoint at another world size (shrink or grow a run).
+
+ZeRO shards the optimizer state (and under ZeRO-3 the weights) per rank, so a tag written by W_old
+ranks cannot be loaded by W_new ranks as is. DeepSpeed's universal checkpoint
+(deepspeed.checkpoint.ds_to_universal, ZeRO-1/2/3) stores every parameter's fp32 value and Adam
+moments as whole tensors, which any number of ranks can load (`"checkpoint": {"load_universal":
+true}` in the engine config). Here:
+
+- Conversion: once per tag, by rank 0, into `TAG/universal/`, while the other ranks wait at a barrier.
+  It is written to `TAG/universal.tmp` and renamed when complete, so a conversion that was killed is
+  redone from scratch and a finished one is reused by every later resume. The tag's own files and
+  manifest are untouched.
+- Load: the engine is built with load_universal and loads `TAG/universal`. That restores the step,
+  the optimizer state and the client state. The schedule is a function of the step, and the logit
+  scale is a parameter.
+- EMA teacher: its fp32 values are per rank (`ema_rank*.pt`: flat ZeRO-3 partitions, or the full
+  tensors under ZeRO-0/1/2). They are put back together from all W_old files and cut into this
+  rank's partition (`load_ema`). DeepSpeed's universal load skips the frozen teacher; it is
+  rewritten from the EMA.
+- Data position: see pretrain/feed.py (`Feed.__init__`): the samples consumed in the current data
+  epoch carry over, rounded down to whole new global micro-batches.
+
+Only a world-size change goes through here: a tag written by the same number of ranks loads as
+before, bit for bit.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from pretrain.checkpoint import CheckpointError
+
+UNIVERSAL = "universal"
+
+
+class ReshardError(CheckpointError):
+    pass
+
+
+def universal_dir(tag_dir: Path) -> Path:
+    return Path(tag_dir) / UNIVERSAL
+
+
+def convert(tag_dir: Path, log=print) -> Path:
+    """Convert `tag_dir` to a universal checkpoint next to its files, unless already done (rank 0 only)."""
+    out = universal_dir(tag_dir)
+    if (out / "zero").is_dir():
+        log(f"checkpoint: reusing the universal conversion {out}")
+        return out
+    tmp = out.with_name(UNIVERSAL + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # a conversion that was killed: start it over
+    log(f"checkpoint: converting {tag_dir} to a universal checkpoint (world size changed)")
+    # A subprocess: the converter forks worker pools and prints progress; neither belongs in a rank.
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
+           "--inject_missing_state"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ReshardError(f"converting {tag_dir} to a universal checkpoint failed (exit {done.returncode}):\n"
+                           f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}\nResume with the world size that "
+                           f"wrote it, or start a new --output-dir from exported weights.")
+    (Path(tag_dir) / "latest_universal").unlink(missing_ok=True)  # the converter writes it beside its output
+    tmp.replace(out)
+    return out
+
+
+def prepare(tag_dir: Path | None, saved_world: int | None, world_size: int, is_main: bool, barrier,
+            log=print) -> Path | None:
+    """The universal checkpoint to load when the world size changed, else None. Collective."""
+    if tag_dir is None or saved_world is None or saved_world == world_size:
+        return None
+    log(f"checkpoint: {tag_dir} was written by {saved_world} ranks; this run has {world_size}")
+    error = None
+    if is_main:
+        try:
+            convert(tag_dir, log)
+        except ReshardError as e:
+            error = str(e)
+    barrier()
+    if not (universal_dir(tag_dir) / "zero").is_dir():
+        raise ReshardError(error or f"rank 0 could not convert {tag_dir}; see its log.")
+    return universal_dir(tag_dir)
+
+
+def load_ema(ema, tag_dir: Path, saved_world: int) -> None:
+    """Load the EMA state written by `saved_world` ranks into this rank's EMA (any world size)."""
+    from pretrain.teacher import ema_path
+    if saved_world == _world(ema):
+        ema.load(tag_dir)
+        return
+    files = [ema_path(tag_dir, r) for r in range(saved_world)]
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise ReshardError(f"EMA teacher state missing from {tag_dir}: {', '.join(missing)}.")
+    saved = [torch.load(p, map_location="cpu", weights_only=True) for p in files]
+    if not ema.zero3:  # ZeRO-0/1/2: every rank holds the full tensors
+        ema.load_state_dict(saved[0])
+        return
+    values = []
+    for i, (name, t) in enumerate(zip(ema.names, ema.teacher)):
+        # rank-order concatenation of the old partitions = the flat parameter (+ the last one's padding)
+        full = torch.cat([s["values"][i].flatten() for s in saved])
+        if not t.ds_numel <= full.numel() < t.ds_numel + saved_world * saved[0]["values"][i].numel():
+            raise ReshardError(f"EMA of {name}: {full.numel()} values over {saved_world} ranks but the parameter "
+                               f"has {t.ds_numel}; the checkpoint was not written under ZeRO-3 (resume with the "
+                               f"ZeRO stage it was written with).")
+        part = t.ds_tensor.numel()  # this run's partition size; rank r owns the flat slice [r * part, ...)
+        padded = torch.zeros(part * _world(ema), dtype=full.dtype)
+        padded[:t.ds_numel] = full[:t.ds_numel]
+        values.append(padded[ema.rank * part: ema.rank * part + ema.values[i].numel()].clone())
+    ema.load_state_dict({"decay": ema.decay, "names": list(ema.names), "values": values})
+
+
+def _world(ema) -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
