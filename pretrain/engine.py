@@ -9,7 +9,6 @@ the same module for the same reason (pretrain/teacher.py).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 from losses import ClipLoss, SoftCLIPLoss
 from pretrain import schedule
 from pretrain.config import FINE_MEMBER, TrainConfig
+from pretrain.telemetry import Telemetry
 from pretrain.teacher import EMA, teacher_tokens
 
 
@@ -158,8 +158,9 @@ def train(engine, data, cfg: TrainConfig, state: TrainState, log, stop, on_step_
     `cfg.max_nonfinite` in a row abort the run.
     """
     device, world = engine.device, cfg.world_size
+    telemetry = Telemetry(engine, cfg, world, is_main=engine.global_rank == 0)  # samples/s, MFU, data wait, ...
     engine.train()
-    bad_run, bad_first_step, t_last, samples_last = 0, None, time.perf_counter(), state.samples_seen
+    bad_run, bad_first_step, samples_last = 0, None, state.samples_seen
     while state.step < cfg.steps:
         # apply schedules (a pure function of the step, so resume continues it exactly)
         lr = schedule.cosine_lr(state.step, peak=cfg.lr, warmup_steps=cfg.warmup_steps,
@@ -169,7 +170,7 @@ def train(engine, data, cfg: TrainConfig, state: TrainState, log, stop, on_step_
         sums, micro = {}, 0
         while micro < cfg.grad_accum:
             # compute losses
-            batch = next(data)
+            batch = telemetry.next_batch(data)
             state.samples_seen += cfg.micro_batch * world
             fine = {k: batch[k].to(device, non_blocking=True) for k in FINE_KEYS if k in batch}
             terms = engine(batch["images"].to(device, non_blocking=True),
@@ -203,15 +204,14 @@ def train(engine, data, cfg: TrainConfig, state: TrainState, log, stop, on_step_
 
         # logging
         if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-            now = time.perf_counter()
             grad_norm = engine.get_global_grad_norm()
             record = dict(sums, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
-                          samples_per_s=(state.samples_seen - samples_last) / max(now - t_last, 1e-9),
                           samples_seen=state.samples_seen, skipped_samples=state.skipped_samples,
-                          nonfinite_total=state.nonfinite_total)
+                          nonfinite_total=state.nonfinite_total, **telemetry.window(state.samples_seen - samples_last))
             log(state.step, {k: v for k, v in record.items() if v is None or math.isfinite(v)})
-            t_last, samples_last = now, state.samples_seen
-        on_step_end(state.step)
+            samples_last = state.samples_seen
+        with telemetry.excluded():  # evaluation and checkpoints are not training throughput
+            on_step_end(state.step)
         # a signal on any rank stops every rank after the same step (MAX over ranks)
         if _sum_over_ranks(float(bool(stop)))[0] > 0:
             return "stopped"
