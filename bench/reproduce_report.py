@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # pretrain.report draws the curves over training
 
 
 def metrics(results: dict, split: str) -> dict:
@@ -136,6 +138,7 @@ def plot(out: Path, plan, main_runs: dict, selected) -> Path | None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from pretrain import report
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for loss, label, style in (("clip", "CLIP", "o-"), ("softclip", f"SoftCLIP ({selected.name})", "s-")):
         xs, ys, es = [], [], []
@@ -146,12 +149,12 @@ def plot(out: Path, plan, main_runs: dict, selected) -> Path | None:
                 ys.append(statistics.mean(vals))
                 es.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
         a.errorbar(xs, ys, yerr=es, fmt=style, capsize=4, label=label)
+        # over training: every seed's log.jsonl, drawn by pretrain.report (the runs' own logs, not results.json)
         runs = main_runs.get((loss, plan.noises[0]), {})
-        for i, r in enumerate(runs.values()):
-            h = [(e["step"], 100 * e["fmnist-test/top1"]) for e in r.get("history", []) if "fmnist-test/top1" in e]
-            if h:
-                b.plot(*zip(*h), style, color=a.lines[-1].get_color(), alpha=0.7,
-                       label=label if i == 0 else None)
+        logs = {f"{label} seed {seed}": report.load_log(Path(r["_run"])) for seed, r in runs.items()
+                if (Path(r.get("_run", "")) / "log.jsonl").is_file()}
+        report.draw_metric(b, logs, "fmnist-test/top1", scale=100, variant=0 if loss == "clip" else 1,
+                           kinds=("eval",), color=a.lines[-1].get_color(), alpha=0.7)
     a.set(xlabel="caption noise (%)", ylabel="Fashion-MNIST zero-shot top-1 (%)",
           title=f"mean ± std over {plan.seeds} seeds")
     b.set(xlabel="step", ylabel="Fashion-MNIST zero-shot top-1 (%)",

@@ -29,17 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-# Dense bf16 peak per device, TFLOP/s (vendor figures); --peak-tflops overrides.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-
-
-def train_flops(config, batch: int) -> float:
-    def tower(width, layers, tokens, mlp_ratio):
-        per_layer = 4 * width * width + 2 * width * width * mlp_ratio  # qkv + out + mlp matmuls
-        return 2 * layers * per_layer * tokens + 4 * layers * tokens * tokens * width
-    v, t = config.vision, config.text
-    fwd = tower(v.width, v.layers, v.grid ** 2 + 1, v.mlp_ratio) + tower(t.width, t.layers, t.context_length, t.mlp_ratio)
-    return 3.0 * fwd * batch
+# The device peak table and the model-FLOP count live with the trainer's telemetry; imported here
+# under the names other scripts (the GPU check) use.
+from pretrain.telemetry import PEAK_TFLOPS, train_flops  # noqa: E402
 
 
 def synthetic_batch(config, batch: int, device):

@@ -56,8 +56,8 @@ class TrainConfig:
     tokenizer: str
     workers: int
     seed: int
-    zeroshot_data: str             # "embedded", "none", an ImageNet-style folder or labelled shards
-    retrieval_data: str            # "embedded", "none" or image-text shards
+    zeroshot_data: str             # "embedded", "none", imagenet:PATH, clip_benchmark:ROOT, a folder or shards
+    retrieval_data: str            # "embedded", "none", clip_benchmark:ROOT or image-text shards
     eval_batch_size: int
     # everything below is in optimizer steps or absolute values, resolved at startup
     steps: int
@@ -169,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
            "once per epoch in a seeded order; needs at least world size x workers shards)")
     a("--tokenizer", help="tokenizer directory (data.tokenizer)")
     a("--workers", type=int); a("--seed", type=int)
-    a("--zeroshot-data", help="'embedded' (Fashion-MNIST and emoji categories, val and test), 'none', a class folder or labelled shards")
-    a("--retrieval-data", help="'embedded' (held-out emoji pairs), 'none' or image-text shards")
+    a("--zeroshot-data", help="'embedded' (Fashion-MNIST and emoji categories, val and test: a smoke test), 'none', "
+      "imagenet[-v2|-r|-sketch|-a]:PATH, clip_benchmark:ROOT, a class folder or labelled shards; comma-joined")
+    a("--retrieval-data", help="'embedded' (held-out emoji pairs), 'none', clip_benchmark:ROOT or image-text shards")
     a("--eval-batch-size", type=int)
     a("--steps", help="total optimizer steps (or examples '2e6ex', epochs '3ep')")
     a("--warmup", help="linear warmup: steps, percent of --steps, examples or epochs")

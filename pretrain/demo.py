@@ -9,7 +9,8 @@
    Fashion-MNIST and emoji retrieval on the way;
 3. exports the final ZeRO-3 checkpoint to transformers (and our native format);
 4. classifies a Fashion-MNIST test image through transformers' zero-shot pipeline;
-5. prints a results table and writes RUN/demo.png (loss and zero-shot accuracy over steps).
+5. prints a results table and writes RUN/demo.png (pretrain.report: loss, lr, targets, throughput and
+   every evaluation over steps); RUN/diagnostics/ holds the soft-target panel of each evaluation.
 """
 from __future__ import annotations
 
@@ -68,28 +69,6 @@ def first_test_image(pattern: str):
     raise RuntimeError(f"no image with a label in {pattern}")
 
 
-def plot(run: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    recs = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
-    train = {r["step"]: r["loss"] for r in recs if r.get("kind") == "train"}
-    evals = {r["step"]: r for r in recs if r.get("kind") == "eval"}
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    a.plot(list(train), list(train.values()))
-    a.set(xlabel="step", ylabel="SoftCLIP loss", title="training loss")
-    steps = sorted(evals)
-    b.plot(steps, [evals[s]["fmnist-test/top1"] * 100 for s in steps], "o-", label="Fashion-MNIST top-1")
-    b.plot(steps, [evals[s]["emoji-test/image_to_text_R@5"] * 100 for s in steps], "s-", label="emoji image->text R@5")
-    b.axhline(10, color="grey", ls=":", label="chance (10 classes)")
-    b.set(xlabel="step", ylabel="%", title="zero-shot evaluation", ylim=(0, 100))
-    b.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    out = run / "demo.png"
-    fig.savefig(out, dpi=110)
-    return out
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pretrain.demo", description="train, evaluate, export, classify")
     p.add_argument("--out", default="runs/demo", help="run directory (replaced if it exists)")
@@ -134,7 +113,9 @@ def main(argv=None) -> int:
     preds = clf(image, candidate_labels=list(FMNIST_PROMPT_NAMES), hypothesis_template=FMNIST_EVAL_TEMPLATES[0])
 
     print("[5/5] results", flush=True)
-    png = plot(run)
+    from pretrain.report import draw  # the same report `python -m pretrain.report RUN` draws
+    png = draw([run], run / "demo.png", title=f"make demo: {args.model}, SoftCLIP, {args.steps} x {args.batch_size}")
+    panels = sorted((run / "diagnostics").glob("step_*.png"))
     final = json.loads((run / "results.json").read_text())["final"]
     last = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if '"train"' in x][-1]
     rows = [("model, steps x global batch", f"{args.model}, {final['step']} x {args.batch_size}"),
@@ -149,6 +130,7 @@ def main(argv=None) -> int:
              ", ".join(f"{r['label']} {r['score']:.2f}" for r in preds[:3])),
             ("transformers export", str(run / "export" / "hf")),
             ("plot", str(png)),
+            ("soft-target diagnostics (last evaluation)", str(panels[-1]) if panels else "none"),
             ("total demo time", f"{time.time() - t0:.0f} s")]
     width = max(len(k) for k, _ in rows)
     print("\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows))

@@ -9,7 +9,6 @@ the same module for the same reason (pretrain/teacher.py).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +21,7 @@ from pretrain.batches import batch_to_device
 from pretrain.config import FINE_MEMBER, TrainConfig
 from pretrain.logit_scale import clamp_logit_scale_
 from pretrain.nonfinite import gradients_finite, poison_gradient, skip_step
+from pretrain.telemetry import Telemetry
 from pretrain.teacher import EMA, teacher_tokens
 
 
@@ -191,9 +191,11 @@ def train(engine, data, cfg: TrainConfig, state: TrainState, log, stop, on_step_
     `cfg.max_nonfinite` in a row abort the run.
     """
     device, world = engine.device, cfg.world_size
+    telemetry = Telemetry(engine, cfg, world, is_main=engine.global_rank == 0)  # samples/s, MFU, data wait, ...
     engine.train()
-    bad_run, bad_first_step, t_last, samples_last = 0, None, time.perf_counter(), state.samples_seen
+    bad_run, bad_first_step, samples_last = 0, None, state.samples_seen
     bad_grad_run = 0  # optimizer steps in a row skipped for non-finite gradients
+    timed_data = iter(lambda: telemetry.next_batch(data), None)  # every batch through the data-wait clock
     while state.step < cfg.steps:
         # apply schedules (a pure function of the step, so resume continues it exactly)
         lr = schedule.cosine_lr(state.step, peak=cfg.lr, warmup_steps=cfg.warmup_steps,
@@ -202,10 +204,10 @@ def train(engine, data, cfg: TrainConfig, state: TrainState, log, stop, on_step_
             group["lr"] = lr
         sums, micro = {}, 0
         if accumulate.global_batch_mode(cfg):  # every micro-batch's loss sees all N columns
-            sums, micro = accumulate.step(engine, data, cfg, state), cfg.grad_accum
+            sums, micro = accumulate.step(engine, timed_data, cfg, state), cfg.grad_accum
         while micro < cfg.grad_accum:
             # compute losses
-            batch = next(data)
+            batch = next(timed_data)
             state.samples_seen += cfg.micro_batch * world
             images, input_ids, fine = batch_to_device(batch, device, engine.module.model.config.vision)
             terms = engine(images, input_ids, step=state.step, fine=fine)
@@ -258,15 +260,15 @@ def train(engine, data, cfg: TrainConfig, state: TrainState, log, stop, on_step_
 
         # logging
         if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-            now = time.perf_counter()
             grad_norm = engine.get_global_grad_norm()
             record = dict(sums, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
-                          samples_per_s=(state.samples_seen - samples_last) / max(now - t_last, 1e-9),
                           samples_seen=state.samples_seen, skipped_samples=state.skipped_samples,
-                          nonfinite_total=state.nonfinite_total, nonfinite_grad_total=state.nonfinite_grad_total)
+                          nonfinite_total=state.nonfinite_total, nonfinite_grad_total=state.nonfinite_grad_total,
+                          **telemetry.window(state.samples_seen - samples_last))
             log(state.step, {k: v for k, v in record.items() if v is None or math.isfinite(v)})
-            t_last, samples_last = now, state.samples_seen
-        on_step_end(state.step)
+            samples_last = state.samples_seen
+        with telemetry.excluded():  # evaluation and checkpoints are not training throughput
+            on_step_end(state.step)
         # a signal on any rank stops every rank after the same step (MAX over ranks)
         if _sum_over_ranks(device, float(bool(stop)))[0] > 0:
             return "stopped"

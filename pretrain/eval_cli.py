@@ -113,16 +113,14 @@ class HFCLIP(torch.nn.Module):
         super().__init__()
         self.hf = hf_model
 
-    @staticmethod
-    def _tensor(x):  # transformers 5 may wrap features in a ModelOutput
-        return x if isinstance(x, torch.Tensor) else x.pooler_output
-
     def encode_image(self, images):
-        return F.normalize(self._tensor(self.hf.get_image_features(pixel_values=images)), dim=-1)
+        from pretrain.export import _tensor  # transformers 5 may wrap the features in a ModelOutput
+        return F.normalize(_tensor(self.hf.get_image_features(pixel_values=images)), dim=-1)
 
     def encode_text(self, ids):
+        from pretrain.export import _tensor
         mask = ids != self.pad_id
-        return F.normalize(self._tensor(self.hf.get_text_features(input_ids=ids, attention_mask=mask)), dim=-1)
+        return F.normalize(_tensor(self.hf.get_text_features(input_ids=ids, attention_mask=mask)), dim=-1)
 
 
 class HFTokenizer:

@@ -124,6 +124,8 @@ class EvalRunner:
         self.sets = resolve(cfg.zeroshot_data, cfg.retrieval_data)
         self._cached: dict[str, list] = {}
         self._too_big: set[str] = set()
+        from pretrain.diagnostics import Diagnostics
+        self.diagnostics = Diagnostics(cfg, env, tokenizer, model_cfg, self.sets)  # the soft-target probe
 
     def batches(self, s: EvalSet):
         """This rank's batches of one set: from memory after the first pass when they fit."""
@@ -173,6 +175,7 @@ class EvalRunner:
         """Collective: every rank evaluates its share; returns {"step", "<set>/<metric>": value}."""
         engine.eval()
         flat = self.measure(engine.module.model, engine.device)
+        flat.update(self.diagnostics.run(engine, step, Path(self.cfg.output_dir)))  # RUN/diagnostics/step_*.png
         engine.train()
         self.log.log(step, flat, kind="eval")
         shown = ", ".join(f"{k} {v:.3f}" for k, v in flat.items()

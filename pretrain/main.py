@@ -154,6 +154,9 @@ def run(cfg: TrainConfig, env: pdist.DistEnv, log, stop: StopFlag) -> int:
     if env.is_main:
         evals.write_results(final, state.history)
     log.info(f"done: {state.step} steps; results in {Path(cfg.output_dir) / 'results.json'}")
+    if env.is_main:
+        from pretrain.telemetry import summary_of_log
+        log.info(f"throughput: {summary_of_log(Path(cfg.output_dir) / 'log.jsonl')}")
     return 0
 
 

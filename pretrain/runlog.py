@@ -61,6 +61,9 @@ class RunLog:
         if self._bar is not None and kind == "train":
             self._bar.n = step
             shown = {k: f"{metrics[k]:.4g}" for k in ("loss", "logit_scale", "lr") if k in metrics}
+            shown.update({k: f"{100 * metrics[k]:.0f}%" for k in ("mfu", "data_wait") if metrics.get(k) is not None})
+            if "samples_per_s" in metrics:
+                shown["samples/s"] = f"{metrics['samples_per_s']:.4g}"
             self._bar.set_postfix(shown, refresh=False)
             self._bar.refresh()
 
