@@ -124,8 +124,8 @@ PLANS = {
 def noisy_build(noise: float, data_root: Path) -> Path:
     """The embedded shards with `noise` of the training captions swapped (built once)."""
     from data.embedded.build import ensure_built
+    ensure_built()  # always: every run uses its tokenizer (DEFAULT_TOKENIZER), whatever the noise
     if noise == 0.0:
-        ensure_built()
         return Path(DEFAULT_OUT)
     out = data_root / f"noise{round(noise * 100):02d}"
     ensure_built(out, caption_noise=noise, seed=0, tokenizer_out=data_root / "tokenizer")

@@ -121,3 +121,29 @@ def test_report_has_every_comparison_with_its_interval(tmp_path):
     dump = json.loads((tmp_path / "reproduce.json").read_text())
     assert [c["name"] for c in dump["comparisons"]] == [R.ABLATION[1].name, R.MOBILENET_B1.name]
     assert (tmp_path / "reproduce.png").is_file()
+
+
+def test_feature_builds_run_precompute_once_and_carry_the_members(tmp_path):
+    import io
+    import numpy as np
+    from PIL import Image
+    from data.write_shards import ShardWriter
+    rng = np.random.default_rng(0)
+    with ShardWriter(tmp_path / "noise40", shard_size=3) as writer:
+        for i in range(6):
+            png = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(png, "PNG")
+            writer.write({"png": png.getvalue(), "txt": f"a photo of a shirt {i}",
+                          "json": dict(source="fashion-mnist", label=i % 2, caption_label=i % 2, noisy=False)})
+    pattern = str(tmp_path / "noise40" / "{00000..00001}.tar")
+    for kind, members in ((F.TRUE_CLASS, {"fine_img"}), (F.PRETRAINED, {"fine_img", "fine_txt"})):
+        out = F.feature_build(kind, tmp_path / "noise40", pattern, tmp_path)
+        assert out == tmp_path / f"noise40-{kind}"
+        meta = json.loads((out / "fine.json").read_text())
+        assert members <= set(meta) and not (tmp_path / f"noise40-{kind}.partial").exists()
+        stamp = (out / "fine.json").stat().st_mtime_ns
+        assert F.feature_build(kind, tmp_path / "noise40", pattern, tmp_path) == out   # done: not rebuilt
+        assert (out / "fine.json").stat().st_mtime_ns == stamp
+    assert meta["fine_img"]["dim"] == 1280 and meta["fine_txt"]["dim"] == 384
+    with pytest.raises(ValueError, match="feature kind 'labels'"):
+        F.feature_build("labels", tmp_path / "noise40", pattern, tmp_path)
