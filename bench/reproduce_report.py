@@ -24,9 +24,26 @@ def mean_std(xs: list[float], signed: bool = False) -> str:
     return mean if len(xs) == 1 else f"{mean} ± {statistics.stdev(xs):.1f}"
 
 
+# Two-sided 95% quantiles of Student's t by degrees of freedom (the table every statistics text prints).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093}
+
+
+def interval95(diffs: list[float]) -> str:
+    """The 95% t interval of the mean paired difference, in points; '-' under 2 seeds."""
+    if len(diffs) < 2:
+        return "-"
+    xs = [100 * d for d in diffs]
+    half = T975.get(len(xs) - 1, 1.96) * statistics.stdev(xs) / len(xs) ** 0.5
+    mean = statistics.mean(xs)
+    return f"[{mean - half:+.1f}, {mean + half:+.1f}]"
+
+
 def paired_table(title: str, runs: dict, noises) -> list[str]:
-    """Test-split metrics of CLIP and SoftCLIP per noise: mean ± std over seeds and the paired difference."""
-    lines = [title, "", "| noise | metric | CLIP | SoftCLIP | SoftCLIP − CLIP (paired) |", "|---|---|---|---|---|"]
+    """Test-split metrics of CLIP and SoftCLIP per noise: mean ± std over seeds, the paired difference
+    (mean ± std over seeds) and its 95% interval."""
+    lines = [title, "", "| noise | metric | CLIP | SoftCLIP | SoftCLIP − CLIP (paired) | 95% interval | seeds |",
+             "|---|---|---|---|---|---|---|"]
     for noise in noises:
         c, s = runs.get(("clip", noise), {}), runs.get(("softclip", noise), {})
         seeds = sorted(set(c) & set(s))
@@ -35,7 +52,7 @@ def paired_table(title: str, runs: dict, noises) -> list[str]:
             sm = [metrics(s[i], "test")[key] for i in seeds]
             diff = [b - a for a, b in zip(cm, sm)]
             lines.append(f"| {noise:.0%} | {label} | {mean_std(cm) if cm else '-'} | {mean_std(sm) if sm else '-'} | "
-                         f"{mean_std(diff, signed=True) if diff else '-'} |")
+                         f"{mean_std(diff, signed=True) if diff else '-'} | {interval95(diff)} | {len(seeds)} |")
     return lines + [""]
 
 
@@ -59,10 +76,10 @@ def run_minutes(runs_dir: Path) -> tuple[int, float]:
 
 
 def write_report(out: Path, plan, args, clip, ablation_noise: float, ablation: dict, clip_val: list, selected,
-                 main_runs: dict, wall_s: float, with_data=None, data_runs: dict | None = None,
-                 runs_dir: Path | None = None) -> None:
-    """results/reproduce.md, .json and .png from the finished runs; `clip` is the CLIP Setting and
-    `ablation_noise` the caption noise of the ablation (both from bench/reproduce.py)."""
+                 tables: list, wall_s: float, runs_dir: Path | None = None) -> None:
+    """results/reproduce.md, .json and .png from the finished runs; `clip` is the CLIP Setting,
+    `ablation_noise` the caption noise of the ablation, `tables` the paired comparisons as
+    (title, SoftCLIP Setting, {(loss, noise): {seed: results}}) (all from bench/reproduce.py)."""
     out.mkdir(parents=True, exist_ok=True)
     n_runs, run_min = run_minutes(runs_dir) if runs_dir is not None else (0, 0.0)
     lines = [f"# SoftCLIP vs CLIP on the embedded data (`bench/reproduce.py{' --quick' if args.quick else ''}`)", "",
@@ -92,30 +109,23 @@ def write_report(out: Path, plan, args, clip, ablation_noise: float, ablation: d
         flags = " ".join(setting.argv()[2:]) or "--loss clip"
         lines.append(f"| {setting.name}{mark} | `{flags}` | {mean_std([m['top1'] for m in ms])} | "
                      f"{mean_std([m['R@1'] for m in ms])} | {mean_std([m['R@5'] for m in ms])} | {delta} | {s_ii} | {h_s} |")
-    lines += ["", "Selected: the setting without extra data (MiniLM rows need precomputed shards) with the highest "
-              "validation top-1 + R@5. S_ii and H(S) are the last logged mean target mass on the positive "
-              "and the target entropy (nats).", ""]
+    lines += ["", "Selected: the setting without extra data (MobileNetV2, MiniLM and control rows need precomputed "
+              "shards) with the highest validation top-1 + R@5. S_ii and H(S) are the last logged mean target "
+              "mass on the positive and the target entropy (nats).", ""]
 
-    seeds = f"{plan.seeds} seed{'s' if plan.seeds > 1 else ''}, mean ± std"
-    if main_runs:
-        lines += paired_table(f"## CLIP vs SoftCLIP ({selected.name}) over caption noise (test splits, {seeds})",
-                              main_runs, plan.noises)
-    if data_runs:
-        lines += paired_table(f"## CLIP vs SoftCLIP with precomputed targets ({with_data.name}, the best such "
-                              f"setting on validation; test splits, {seeds})", data_runs, (ablation_noise,))
-    png = plot(out, plan, main_runs, selected)
+    seeds = f"up to {plan.seeds} seed{'s' if plan.seeds > 1 else ''}, mean ± std"
+    for title, _, runs in tables:
+        lines += paired_table(f"## {title} (test splits, {seeds})", runs, plan.noises)
+    png = plot(out, plan, tables)
     if png:
         lines += [f"![accuracy vs noise and over steps]({png.name})", ""]
     (out / "reproduce.md").write_text("\n".join(lines) + "\n")
     dump = {"plan": plan.__dict__ | {"ablation": [s.name for s in plan.ablation]},
             "selected": None if selected is None else {"name": selected.name, "flags": selected.flags},
             "ablation": {k: [metrics(r, "val") | {"test": metrics(r, "test")} for r in v] for k, v in ablation.items()},
-            "main": {f"{loss}@{noise}": {seed: metrics(r, "test") for seed, r in v.items()}
-                     for (loss, noise), v in main_runs.items()},
-            "with_precomputed": None if with_data is None else {
-                "name": with_data.name, "flags": with_data.flags,
-                "runs": {f"{loss}@{noise}": {seed: metrics(r, "test") for seed, r in v.items()}
-                         for (loss, noise), v in (data_runs or {}).items()}}}
+            "comparisons": [{"title": title, "name": setting.name, "flags": setting.flags,
+                             "runs": {f"{loss}@{noise}": {seed: metrics(r, "test") for seed, r in v.items()}
+                                      for (loss, noise), v in runs.items()}} for title, setting, runs in tables]}
     (out / "reproduce.json").write_text(json.dumps(dump, indent=1, ensure_ascii=False) + "\n")
 
 
@@ -132,15 +142,17 @@ def last_train_stats(results: dict) -> tuple | None:
     return None if rec is None else (rec["s_diag"], rec["s_entropy"])
 
 
-def plot(out: Path, plan, main_runs: dict, selected) -> Path | None:
-    if not main_runs:
+def plot(out: Path, plan, tables: list) -> Path | None:
+    if not any(runs for _, _, runs in tables):
         return None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from pretrain import report
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for loss, label, style in (("clip", "CLIP", "o-"), ("softclip", f"SoftCLIP ({selected.name})", "s-")):
+    curves = [("CLIP", tables[0][2], "clip", "o-")] + [
+        (f"SoftCLIP ({setting.name})", runs, "softclip", "s-") for _, setting, runs in tables]
+    for label, main_runs, loss, style in curves:
         xs, ys, es = [], [], []
         for noise in plan.noises:
             vals = [100 * metrics(r, "test")["top1"] for r in main_runs.get((loss, noise), {}).values()]

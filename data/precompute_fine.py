@@ -7,6 +7,8 @@
     python -m data.precompute_fine --data ... --out ... --image-model vit_base_patch16_clip_224 \\
         --image-weights vit.safetensors
     python -m data.precompute_fine --data ... --out ... --detector-features vinvl_npz/   # VinVL-style ROIs
+    python -m data.precompute_fine --data ... --out ... --text-encoder none \\
+        --image-encoder mobilenetv2                   # ImageNet MobileNetV2 regions, no setup beyond make
 
 Every output shard has the input shard's name and every member of every sample, byte for byte,
 plus `{key}.fine_txt.npy` and/or `{key}.fine_img.npy` (format: data/fine.py; extractors:
@@ -40,6 +42,7 @@ from data.shards import ShardSet
 from data.tario import SkipLog, TarStreamWriter, iter_tar_groups
 from data.write_shards import encode_member, update_sizes_json
 from data import fine_sources as src
+from data import pretrained_image
 
 
 class UnreadableShard(OSError):
@@ -56,6 +59,9 @@ class Settings:
     image_model: str | None = None  # timm arch or exported timm dir
     image_weights: str | None = None
     image_model_args: dict = field(default_factory=dict)
+    image_encoder: str | None = None  # a named pretrained image source: "mobilenetv2"
+    image_size: int = pretrained_image.DEFAULT_IMAGE_SIZE  # input side for --image-encoder
+    pooled_token: bool = False  # --image-encoder: add the whole-image average after the grid
     grid: int = 2
     detector_features: str | None = None
     detector_regions: int = 50
@@ -63,10 +69,18 @@ class Settings:
     device: str = "cpu"
 
     def check(self) -> None:
-        if self.image_model and self.detector_features:
-            raise ValueError("--image-model and --detector-features both make fine_img; choose one.")
-        if not (self.text_encoder or self.image_model or self.detector_features):
-            raise ValueError("Nothing to compute: give --text-encoder, --image-model or --detector-features.")
+        image_sources = [f"--{n.replace('_', '-')}" for n in ("image_model", "image_encoder", "detector_features")
+                         if getattr(self, n)]
+        if len(image_sources) > 1:
+            raise ValueError(f"{' and '.join(image_sources)} all make fine_img; choose one.")
+        if not (self.text_encoder or image_sources):
+            raise ValueError("Nothing to compute: give --text-encoder, --image-model, --image-encoder or "
+                             "--detector-features.")
+        if self.image_encoder and self.image_encoder not in pretrained_image.IMAGE_ENCODERS:
+            raise ValueError(f"--image-encoder {self.image_encoder!r} is not one of "
+                             f"{', '.join(pretrained_image.IMAGE_ENCODERS)}; for another timm model use --image-model.")
+        if self.image_encoder:
+            pretrained_image.check_geometry(self.image_size, self.grid)
         for name in ("text_tokens", "grid", "detector_regions", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
@@ -82,6 +96,9 @@ class Settings:
         if self.image_model:
             meta["fine_img"] = src.timm_identity(self.image_model, self.image_weights, self.grid,
                                                  self.image_model_args)
+        if self.image_encoder:
+            meta["fine_img"] = pretrained_image.image_encoder_identity(self.image_encoder, self.image_size, self.grid,
+                                                                       self.pooled_token)
         if self.detector_features:
             meta["fine_img"] = src.detector_identity(self.detector_features, self.detector_regions)
         return meta
@@ -94,6 +111,9 @@ class Settings:
         if self.image_model:
             sources.append(src.TimmImageSource(self.image_model, self.image_weights, self.grid,
                                                self.image_model_args, self.device))
+        if self.image_encoder:
+            sources.append(pretrained_image.MobileNetV2Source(self.image_size, self.grid, self.pooled_token,
+                                                              self.device))
         if self.detector_features:
             sources.append(src.DetectorSource(self.detector_features, self.detector_regions))
         return sources
@@ -108,7 +128,7 @@ def process_shard(shard: str, out_dir: Path, sources: list, batch_size: int,
     tmp = out_dir / f".{name}.tmp-{os.getpid()}"
     log = SkipLog(max_fail_fraction=1.0, min_samples=1 << 62, where=name)
     counts = collections.Counter()
-    needs_image = any(isinstance(s, src.TimmImageSource) for s in sources)
+    needs_image = any(isinstance(s, (src.TimmImageSource, pretrained_image.MobileNetV2Source)) for s in sources)
     seen_problems = [len(getattr(s, "problems", [])) for s in sources]  # report this shard's only
     try:
         with TarStreamWriter(tmp) as writer:
@@ -173,7 +193,7 @@ _WORKER: dict = {}
 def _init_worker(settings: Settings, out_dir: Path, threads: int, progress_queue) -> None:
     _WORKER.update(settings=settings, out_dir=out_dir, queue=progress_queue)
     try:
-        if settings.text_encoder or settings.image_model:  # the detector importer needs no torch
+        if settings.text_encoder or settings.image_model or settings.image_encoder:  # the detector importer needs no torch
             import torch
             torch.set_num_threads(threads)
         _WORKER["sources"] = settings.build()
@@ -319,6 +339,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="safetensors weights (default: <export dir>/model.safetensors)")
     parser.add_argument("--image-model-args", default="{}", help='JSON keyword arguments for timm.create_model, '
                         'e.g. \'{"img_size": 64}\'')
+    parser.add_argument("--image-encoder", default=None, choices=pretrained_image.IMAGE_ENCODERS,
+                        help="a named pretrained image source installed by `make setup`: mobilenetv2 (torchvision's "
+                             "ImageNet-1k MobileNetV2; data/pretrained_image.py)")
+    parser.add_argument("--image-size", type=int, default=pretrained_image.DEFAULT_IMAGE_SIZE,
+                        help="input side for --image-encoder (default %(default)s)")
+    parser.add_argument("--pooled-token", action="store_true",
+                        help="--image-encoder: add the whole-image average as one more region")
     parser.add_argument("--grid", type=int, default=2, help="pool image patch tokens to grid x grid regions")
     parser.add_argument("--detector-features", default=None, help="folder of {key}.npz detector outputs "
                         "(features [K,D], boxes [K,4], optional scores [K])")
@@ -332,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         text_encoder=None if args.text_encoder.lower() == "none" else args.text_encoder,
         text_tokens=args.text_tokens, text_max_length=args.text_max_length, image_model=args.image_model,
         image_weights=args.image_weights, image_model_args=json.loads(args.image_model_args), grid=args.grid,
+        image_encoder=args.image_encoder, image_size=args.image_size, pooled_token=args.pooled_token,
         detector_features=args.detector_features, detector_regions=args.detector_regions,
         batch_size=args.batch_size, device=args.device)
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
