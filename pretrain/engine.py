@@ -188,7 +188,8 @@ def train(engine, data, cfg: TrainConfig, state: TrainState, log, stop, on_step_
     `on_step_end(step)` checkpoints / evaluates on the configured intervals (collective).
     A micro-batch whose loss is non-finite on any rank is dropped on every rank (no backward, no
     step: DeepSpeed's bf16 path has no overflow check of its own) and the next one takes its place;
-    `cfg.max_nonfinite` in a row abort the run.
+    `cfg.max_nonfinite` in a row abort the run. Non-finite gradients behind finite losses skip the
+    whole optimizer step the same way (pretrain/nonfinite.py).
     """
     device, world = engine.device, cfg.world_size
     telemetry = Telemetry(engine, cfg, world, is_main=engine.global_rank == 0)  # samples/s, MFU, data wait, ...

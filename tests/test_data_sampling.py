@@ -49,10 +49,11 @@ def test_flag_is_validated_and_reaches_the_loader(embedded, tmp_path):
     (tmp_path / "bad.yaml").write_text("data_sampling: shuffled\n")
     with pytest.raises(ConfigError, match="--data-sampling 'shuffled' must be one of resampled, epochs"):
         _config(embedded, tmp_path, "--config", str(tmp_path / "bad.yaml"), check_files=False)
-    # 4 embedded training shards cannot give 2 ranks x 4 workers a whole shard each
-    with pytest.raises(ConfigError, match="--data-sampling epochs: Epoch mode splits whole shards .* 4 shards "
-                                          "for 2 ranks x 4 workers"):
-        _config(embedded, tmp_path, "--data-sampling", "epochs", "--workers", "4", world=2)
+    # the 16 embedded training shards cannot give 2 ranks x 16 workers a whole shard each
+    with pytest.raises(ConfigError, match="--data-sampling epochs: Epoch mode splits whole shards .* 16 shards "
+                                          "for 2 ranks x 16 workers"):
+        _config(embedded, tmp_path, "--data-sampling", "epochs", "--workers", "16", world=2)
+    _config(embedded, tmp_path, "--workers", "16", world=2)  # resampled mode takes any shard count
 
 
 def test_epochs_mode_resumes_exactly_across_an_epoch_boundary(embedded, tmp_path):

@@ -132,29 +132,34 @@ def _bf16_check(env, out: dict) -> None:
 
 
 def _logit_scale_check(env, out: dict) -> None:
-    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_fp32_param
+    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_grad, safe_get_local_fp32_param,
+                                 safe_get_local_grad, safe_set_full_fp32_param, safe_set_local_fp32_param)
 
     from pretrain.logit_scale import clamp_logit_scale_
-    cfg = _cfg(env, str(REPO / "ds_configs" / "cpu.json"))
-    engine = _engine(env, cfg)
-    p, bound = engine.module.model.logit_scale, engine.module.model.max_log_scale
-    batch = _batches(engine.module.model.config, 4, 1)[0]
-    for g in engine.optimizer.param_groups:
-        g["lr"] = 0.0  # steps that only copy the fp32 master into the bf16 module copy
-    safe_set_local_fp32_param(p, torch.full_like(safe_get_local_fp32_param(p), bound + 1.0))
+    for name in ("cpu.json", "cpu_zero2.json"):  # ZeRO-3 bf16 (partitioned), ZeRO-2 fp32
+        cfg = _cfg(env, str(REPO / "ds_configs" / name))
+        engine = _engine(env, cfg)
+        p, bound = engine.module.model.logit_scale, engine.module.model.max_log_scale
+        zero3 = hasattr(p, "ds_id")
+        master = (lambda: safe_get_local_fp32_param(p)) if zero3 else (lambda: safe_get_full_fp32_param(p))
+        batch = _batches(engine.module.model.config, 4, 1)[0]
+        for g in engine.optimizer.param_groups:
+            g["lr"] = 0.0  # steps that only copy the fp32 master into the module's copy
+        above = torch.full_like(master(), bound + 1.0)
+        safe_set_local_fp32_param(p, above) if zero3 else safe_set_full_fp32_param(p, above)
 
-    def step() -> float:
-        terms = engine(batch["images"], batch["input_ids"])
-        engine.backward(terms["loss"])
-        grad = float(safe_get_local_grad(p).abs().sum())
-        engine.step()
-        return grad, float(terms["logit_scale"])
-    step()                                             # the module copy now holds bound + 1
-    grad, scale = step()
-    master_before = float(safe_get_local_fp32_param(p).max())
-    clamp_logit_scale_(engine)
-    out.update(bound=bound, grad_above_bound=grad, scale_above_bound=scale, master_before=master_before,
-               master_after=float(safe_get_local_fp32_param(p).max()), zero3=hasattr(p, "ds_id"))
+        def step():
+            terms = engine(batch["images"], batch["input_ids"])
+            engine.backward(terms["loss"])
+            grad = float((safe_get_local_grad(p) if zero3 else safe_get_full_grad(p)).abs().sum())
+            engine.step()
+            return grad, float(terms["logit_scale"])
+        step()                                             # the module copy now holds bound + 1
+        grad, scale = step()
+        master_before = float(master().max())
+        clamp_logit_scale_(engine)
+        out[name] = dict(bound=bound, grad_above_bound=grad, scale_above_bound=scale, master_before=master_before,
+                         master_after=float(master().max()), zero3=zero3)
 
 
 def _nonfinite_grad_check(env, out: dict) -> None:
@@ -163,7 +168,8 @@ def _nonfinite_grad_check(env, out: dict) -> None:
     ds = json.loads((REPO / "ds_configs" / "cpu_fp32.json").read_text())
     ds["zero_optimization"] = {"stage": 0}
     stage0.write_text(json.dumps(ds))
-    for name, path in (("zero3_bf16", REPO / "ds_configs" / "cpu.json"), ("stage0_fp32", stage0)):
+    for name, path in (("zero3_bf16", REPO / "ds_configs" / "cpu.json"),
+                       ("zero2_fp32", REPO / "ds_configs" / "cpu_zero2.json"), ("stage0_fp32", stage0)):
         cfg = _cfg(env, str(path), "--debug-nan", "g2", "--grad-accum", "2")
         engine = _engine(env, cfg)
         state, logged = eng.TrainState(), {}
@@ -296,16 +302,17 @@ def test_bf16_defaults_fill_a_users_json_and_respect_explicit_values(tmp_path):
     assert "communication_data_type" not in fp32 and "data_types" not in fp32
 
 
-def test_logit_scale_keeps_a_gradient_at_the_bound_and_its_master_is_clamped_under_zero3(world1):
-    r = _load(world1, "logit_scale")
-    assert r["zero3"]
+@pytest.mark.parametrize("name, zero3", [("cpu.json", True), ("cpu_zero2.json", False)])
+def test_logit_scale_keeps_a_gradient_at_the_bound_and_its_master_is_clamped(world1, name, zero3):
+    r = _load(world1, "logit_scale")[name]
+    assert r["zero3"] == zero3
     assert r["scale_above_bound"] == pytest.approx(100.0, rel=1e-2)   # the value is clamped (bf16) ...
     assert r["grad_above_bound"] > 0                                   # ... the gradient is not
     assert r["master_before"] == pytest.approx(r["bound"] + 1.0, abs=1e-4)
     assert r["master_after"] == pytest.approx(r["bound"], abs=1e-6)
 
 
-@pytest.mark.parametrize("name", ["zero3_bf16", "stage0_fp32"])
+@pytest.mark.parametrize("name", ["zero3_bf16", "zero2_fp32", "stage0_fp32"])
 def test_nonfinite_gradients_skip_the_step_and_are_counted(world1, name):
     r = _load(world1, "nonfinite_grad")[name]
     assert r["steps"] == 3 and r["nonfinite_grad_total"] == 1 and r["nonfinite_total"] == 0, r
@@ -313,7 +320,7 @@ def test_nonfinite_gradients_skip_the_step_and_are_counted(world1, name):
     logged = r["logged"]
     assert [int(s) for s in logged] == [1, 2, 3] and all(math.isfinite(v["loss"]) for v in logged.values())
     assert logged["3"]["nonfinite_grad_total"] == 1
-    if name == "zero3_bf16":
+    if name != "stage0_fp32":
         assert r["skipped_steps"] == 1   # DeepSpeed's own skip took the step without an update
 
 

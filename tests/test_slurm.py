@@ -146,6 +146,8 @@ def test_cc12m_script_trains_evaluates_and_checkpoints(cluster, preempted_job):
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{brief(info)}\n{tail(log)}"
     assert "global batch 32 = 1 nodes x 2 ranks x micro batch 8 x accumulation 2" in log
     assert f"master {cluster.host}:{15000 + job % 15000}," in log  # port derived from the job id
+    # the FusedAdam prebuild runs once per start of the job (not once per rank); nothing to build on CPU
+    assert log.count("== FusedAdam: nothing to build (no GPU here)") == log.count("== job ") >= 1, tail(log)
     cfg = json.loads((run / "config.json").read_text())
     assert (cfg["model"], cfg["loss"], cfg["world_size"]) == ("tiny-test", "softclip", 2)
     assert (cfg["global_batch"], cfg["micro_batch"], cfg["grad_accum"]) == (32, 8, 2)
