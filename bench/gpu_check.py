@@ -252,7 +252,11 @@ def run_all(stages: list[Stage], work: Path, device_name: str, runner=run_comman
         else:
             print(f"[gpu-check] {stage.name}: {stage.what} (limit {stage.budget_s} s)", flush=True)
             rc, output, seconds = runner(commands(stage.name, work), stage.budget_s)
-            results[stage.name] = judge(stage, rc, output, seconds, work, device_name)
+            try:
+                results[stage.name] = judge(stage, rc, output, seconds, work, device_name)
+            except (OSError, ValueError, KeyError, TypeError) as e:   # a stage that ran but left no usable result
+                results[stage.name] = Result(stage.name, "FAIL", seconds, f"could not read its result: {type(e).__name__}: {e}",
+                                             "\n".join(output.strip().splitlines()[-25:]))
         r = results[stage.name]
         print(f"[gpu-check] {stage.name}: {r.status} ({r.seconds:.0f} s) {r.detail}", flush=True)
     return list(results.values())

@@ -132,3 +132,9 @@ def test_step_ratio_and_mfu_are_read_from_the_bench_outputs(tmp_path):
     assert gc.model_mfu(rows, 989.0) == {"ViT-L-14": (395.6, pytest.approx(0.4))}
     assert gc.model_mfu(rows, None) == {"ViT-L-14": (395.6, None)}
     assert gc.peak_for("NVIDIA H200") == 989.0 and gc.peak_for("Quadro") is None
+
+
+def test_a_stage_without_its_result_file_fails_with_the_reason(tmp_path):
+    results = gc.run_all(gc.plan(["model"]), tmp_path, "NVIDIA H100", lambda cmds, budget: (0, "done", 5.0))
+    assert results[0].status == "FAIL" and "could not read its result" in results[0].detail
+    assert "model.json" in results[0].detail
