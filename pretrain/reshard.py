@@ -74,6 +74,8 @@ def prepare(tag_dir: Path | None, saved_world: int | None, world_size: int, is_m
     if tag_dir is None or saved_world is None or saved_world == world_size:
         return None
     log(f"checkpoint: {tag_dir} was written by {saved_world} ranks; this run has {world_size}")
+    # the others wait at the barrier below: the process group timeout (DeepSpeed: 10 min, DEEPSPEED_TIMEOUT) must
+    # cover the conversion, one pass over the checkpoint (~5 GB of fp32 weights and moments for ViT-L)
     error = None
     if is_main:
         try:

@@ -26,9 +26,10 @@ import torch
 if __package__ in (None, ""):  # run as a worker script by the tests below
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.test_target_sources import _batch, _fine
 from tests.test_train_support import REPO, free_port, wait
 
-GLOBAL, STEPS, FINE_TOKENS, FINE_DIM = 32, 3, 5, 12
+GLOBAL, STEPS = 32, 3
 SOURCES = {
     "clip": ["--loss", "clip"],
     "online": ["--loss", "softclip", "--alpha", "0.5", "--beta", "1.0"],
@@ -42,17 +43,9 @@ RUNS = {"ref": (1, 1, 32), "acc1x4": (1, 4, 8), "acc2x2": (2, 2, 8)}  # world, a
 
 def global_batch(config, step: int) -> dict:
     """The step's 32 pairs (sample ids step * 32 + i), with precomputed text features."""
-    g = torch.Generator().manual_seed(1000 + step)
-    t, s = config.text, config.vision.image_size
-    images = torch.randn(GLOBAL, 3, s, s, generator=g)
-    ids = torch.randint(4, t.vocab_size, (GLOBAL, t.context_length), generator=g)
-    lengths = torch.randint(3, t.context_length - 1, (GLOBAL,), generator=g)
-    ids = torch.where(torch.arange(t.context_length)[None] > lengths[:, None], torch.full_like(ids, t.pad_id), ids)
-    ids[torch.arange(GLOBAL), lengths] = t.eos_id
-    ids[:, 0] = t.bos_id
-    fine = torch.nn.functional.normalize(torch.randn(GLOBAL, FINE_TOKENS, FINE_DIM, generator=g), dim=-1)
-    mask = torch.arange(FINE_TOKENS)[None] < torch.randint(1, FINE_TOKENS + 1, (GLOBAL, 1), generator=g)
-    return {"images": images, "input_ids": ids, "fine_txt": fine * mask[..., None], "fine_txt_mask": mask,
+    images, ids = _batch(config, GLOBAL, seed=1000 + step)
+    fine, mask = _fine(GLOBAL, seed=2000 + step)
+    return {"images": images, "input_ids": ids, "fine_txt": fine, "fine_txt_mask": mask,
             "sample": torch.arange(GLOBAL) + step * GLOBAL, "skipped": 0}
 
 
