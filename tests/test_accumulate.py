@@ -222,5 +222,31 @@ def test_dropout_draws_the_same_masks_in_cache_and_recompute(fork, monkeypatch):
         assert worst > 1e-3
 
 
+# ---------------------------------------------------------------- the flag and the config log line
+def test_config_states_the_loss_columns_in_every_mode(tmp_path):
+    from pretrain.config import ConfigError, build_config
+    from pretrain.dist import DistEnv
+    env = DistEnv(rank=0, local_rank=0, world_size=2, master_addr="127.0.0.1", master_port=0, launcher="torchrun")
+
+    def derived(*flags):
+        cfg = build_config(["--train-data", "unused", "--output-dir", "/tmp/unused", "--batch-size", "64",
+                            "--micro-batch", "8", "--deepspeed_config", str(REPO / "ds_configs" / "cpu.json"),
+                            *flags], env, cuda=False, check_files=False)
+        return cfg, [line for line in cfg.derived if line.startswith("contrastive batch")]
+
+    cfg, lines = derived()
+    assert cfg.contrastive_batch == "global" and cfg.grad_accum == 4
+    assert lines == ["contrastive batch global: the loss scores each pair against N = 64 columns "
+                     "(one extra no-grad forward per micro-batch)"]
+    cfg, lines = derived("--contrastive-batch", "micro")
+    assert lines == ["contrastive batch micro: the loss scores each pair against N = 16 columns"]
+    with pytest.raises(SystemExit):
+        derived("--contrastive-batch", "local")
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("contrastive_batch: local\n")
+    with pytest.raises(ConfigError, match="--contrastive-batch 'local': choose global or micro"):
+        derived("--config", str(yaml))
+
+
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "worker":
     _worker(sys.argv[2], sys.argv[3])
