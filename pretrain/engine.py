@@ -4,7 +4,9 @@ Model and loss form one module (`TrainTask`) so that the learnable logit scale, 
 consumes, lives inside the module DeepSpeed partitions and optimizes, and so that every collective
 of a step (ZeRO-3 parameter gathers, the loss's feature gathers) happens inside one forward
 (open_clip's task-module shape). The frozen EMA teacher of an `ema` target source is a submodule of
-the same module for the same reason (pretrain/teacher.py).
+the same module for the same reason (pretrain/teacher.py). Under accumulation with
+--contrastive-batch global the loss instead runs once per step on cached features, outside the
+forwards (pretrain/accumulate.py); it has no parameters, so ZeRO gathers nothing for it.
 """
 from __future__ import annotations
 

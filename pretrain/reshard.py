@@ -6,11 +6,13 @@ ranks cannot be loaded by W_new ranks as is. DeepSpeed's universal checkpoint
 moments as whole tensors, which any number of ranks can load (`"checkpoint": {"load_universal":
 true}` in the engine config). Here:
 
-- Conversion: once per tag, by rank 0, into `TAG/universal/`, while the other ranks wait at a barrier.
-  It is written to `TAG/universal.tmp` and renamed when complete, so a conversion that was killed is
-  redone from scratch and a finished one is reused by every later resume. The tag's own files and
-  manifest are untouched.
-- Load: the engine is built with load_universal and loads `TAG/universal`. That restores the step,
+- Conversion: once per tag, by rank 0, into `TAG.universal/` beside the tag, while the other ranks
+  wait at a barrier. It is written to `TAG.universal.tmp` and renamed when complete, so a conversion
+  that was killed is redone from scratch and a finished one is reused by every later resume (while
+  the tag's manifest is the one it was converted from). Beside, not inside: the tag's files, its
+  manifest and checkpoint.py's pruning stay as they are; conversions whose tag was pruned are
+  removed at the next conversion.
+- Load: the engine is built with load_universal and loads `TAG.universal`. That restores the step,
   the optimizer state and the client state. The schedule is a function of the step, and the logit
   scale is a parameter.
 - EMA teacher: its fp32 values are per rank (`ema_rank*.pt`: flat ZeRO-3 partitions, or the full
@@ -32,9 +34,10 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import CheckpointError
+from pretrain.checkpoint import MANIFEST, CheckpointError
 
-UNIVERSAL = "universal"
+UNIVERSAL = ".universal"
+SOURCE = "source_manifest.json"
 
 
 class ReshardError(CheckpointError):
@@ -42,17 +45,23 @@ class ReshardError(CheckpointError):
 
 
 def universal_dir(tag_dir: Path) -> Path:
-    return Path(tag_dir) / UNIVERSAL
+    return Path(tag_dir).with_name(Path(tag_dir).name + UNIVERSAL)
 
 
 def convert(tag_dir: Path, log=print) -> Path:
     """Convert `tag_dir` to a universal checkpoint next to its files, unless already done (rank 0 only)."""
     out = universal_dir(tag_dir)
-    if (out / "zero").is_dir():
+    # the manifest the conversion was made from: a tag re-saved later (a replay from an older tag)
+    # gets a new manifest, and its stale conversion is redone rather than reused
+    source = (Path(tag_dir) / MANIFEST).read_text()
+    if (out / "zero").is_dir() and (out / SOURCE).is_file() and (out / SOURCE).read_text() == source:
         log(f"checkpoint: reusing the universal conversion {out}")
         return out
-    tmp = out.with_name(UNIVERSAL + ".tmp")
+    tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # a conversion that was killed: start it over
+    for old in Path(tag_dir).parent.glob(f"*{UNIVERSAL}*"):  # conversions of pruned tags
+        if not old.with_name(old.name.split(UNIVERSAL)[0]).is_dir():
+            shutil.rmtree(old, ignore_errors=True)
     log(f"checkpoint: converting {tag_dir} to a universal checkpoint (world size changed)")
     # A subprocess: the converter forks worker pools and prints progress; neither belongs in a rank.
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
@@ -63,7 +72,9 @@ def convert(tag_dir: Path, log=print) -> Path:
         raise ReshardError(f"converting {tag_dir} to a universal checkpoint failed (exit {done.returncode}):\n"
                            f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}\nResume with the world size that "
                            f"wrote it, or start a new --output-dir from exported weights.")
-    (Path(tag_dir) / "latest_universal").unlink(missing_ok=True)  # the converter writes it beside its output
+    (Path(tag_dir).parent / "latest_universal").unlink(missing_ok=True)  # the converter writes it beside its output
+    (tmp / SOURCE).write_text(source)
+    shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)
     return out
 
@@ -74,6 +85,8 @@ def prepare(tag_dir: Path | None, saved_world: int | None, world_size: int, is_m
     if tag_dir is None or saved_world is None or saved_world == world_size:
         return None
     log(f"checkpoint: {tag_dir} was written by {saved_world} ranks; this run has {world_size}")
+    # the others wait at the barrier below: the process group timeout (DeepSpeed: 10 min, DEEPSPEED_TIMEOUT) must
+    # cover the conversion, one pass over the checkpoint (~5 GB of fp32 weights and moments for ViT-L)
     error = None
     if is_main:
         try:

@@ -26,9 +26,10 @@ import torch
 if __package__ in (None, ""):  # run as a worker script by the tests below
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.test_target_sources import _batch, _fine
 from tests.test_train_support import REPO, free_port, wait
 
-GLOBAL, STEPS, FINE_TOKENS, FINE_DIM = 32, 3, 5, 12
+GLOBAL, STEPS = 32, 3
 SOURCES = {
     "clip": ["--loss", "clip"],
     "online": ["--loss", "softclip", "--alpha", "0.5", "--beta", "1.0"],
@@ -42,17 +43,9 @@ RUNS = {"ref": (1, 1, 32), "acc1x4": (1, 4, 8), "acc2x2": (2, 2, 8)}  # world, a
 
 def global_batch(config, step: int) -> dict:
     """The step's 32 pairs (sample ids step * 32 + i), with precomputed text features."""
-    g = torch.Generator().manual_seed(1000 + step)
-    t, s = config.text, config.vision.image_size
-    images = torch.randn(GLOBAL, 3, s, s, generator=g)
-    ids = torch.randint(4, t.vocab_size, (GLOBAL, t.context_length), generator=g)
-    lengths = torch.randint(3, t.context_length - 1, (GLOBAL,), generator=g)
-    ids = torch.where(torch.arange(t.context_length)[None] > lengths[:, None], torch.full_like(ids, t.pad_id), ids)
-    ids[torch.arange(GLOBAL), lengths] = t.eos_id
-    ids[:, 0] = t.bos_id
-    fine = torch.nn.functional.normalize(torch.randn(GLOBAL, FINE_TOKENS, FINE_DIM, generator=g), dim=-1)
-    mask = torch.arange(FINE_TOKENS)[None] < torch.randint(1, FINE_TOKENS + 1, (GLOBAL, 1), generator=g)
-    return {"images": images, "input_ids": ids, "fine_txt": fine * mask[..., None], "fine_txt_mask": mask,
+    images, ids = _batch(config, GLOBAL, seed=1000 + step)
+    fine, mask = _fine(GLOBAL, seed=2000 + step)
+    return {"images": images, "input_ids": ids, "fine_txt": fine, "fine_txt_mask": mask,
             "sample": torch.arange(GLOBAL) + step * GLOBAL, "skipped": 0}
 
 
@@ -227,6 +220,32 @@ def test_dropout_draws_the_same_masks_in_cache_and_recompute(fork, monkeypatch):
         assert worst < 1e-10
     else:  # the recompute drew other masks: its gradient is not the cached loss's
         assert worst > 1e-3
+
+
+# ---------------------------------------------------------------- the flag and the config log line
+def test_config_states_the_loss_columns_in_every_mode(tmp_path):
+    from pretrain.config import ConfigError, build_config
+    from pretrain.dist import DistEnv
+    env = DistEnv(rank=0, local_rank=0, world_size=2, master_addr="127.0.0.1", master_port=0, launcher="torchrun")
+
+    def derived(*flags):
+        cfg = build_config(["--train-data", "unused", "--output-dir", "/tmp/unused", "--batch-size", "64",
+                            "--micro-batch", "8", "--deepspeed_config", str(REPO / "ds_configs" / "cpu.json"),
+                            *flags], env, cuda=False, check_files=False)
+        return cfg, [line for line in cfg.derived if line.startswith("contrastive batch")]
+
+    cfg, lines = derived()
+    assert cfg.contrastive_batch == "global" and cfg.grad_accum == 4
+    assert lines == ["contrastive batch global: the loss scores each pair against N = 64 columns "
+                     "(one extra no-grad forward per micro-batch)"]
+    cfg, lines = derived("--contrastive-batch", "micro")
+    assert lines == ["contrastive batch micro: the loss scores each pair against N = 16 columns"]
+    with pytest.raises(SystemExit):
+        derived("--contrastive-batch", "local")
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("contrastive_batch: local\n")
+    with pytest.raises(ConfigError, match="--contrastive-batch 'local': choose global or micro"):
+        derived("--config", str(yaml))
 
 
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "worker":
