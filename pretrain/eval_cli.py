@@ -196,7 +196,7 @@ def evaluate(args, env, device, log=print) -> dict:
     error = None
     try:
         model, tokenizer, config, source = load_on_ranks(kind, path, args.tag, env, device, scratch)
-    except (EvalError, OSError, ValueError, RuntimeError) as e:  # every rank learns of it: no rank hangs
+    except Exception as e:  # re-raised below, after every rank has learnt of it: no rank waits forever
         error = e
     # also: every rank has read the merged weights before rank 0 removes them
     if not _agree(error is None, device):
