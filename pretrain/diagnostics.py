@@ -159,7 +159,7 @@ def draw(path: Path, s: torch.Tensor, batch: dict, model_cfg, stats: dict, title
     ax.set(xlabel="H(S_i) (nats)", title=f"mean entropy {stats['s_entropy']:.2f}{extra}")
     ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=72)
     plt.close(fig)

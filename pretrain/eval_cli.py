@@ -72,7 +72,7 @@ def classify(path: Path, fmt: str | None) -> tuple[str, Path]:
 
 def checkpoint_tag(ckpt_dir: Path, tag: str) -> tuple[Path, str]:
     """(the checkpoints folder, a complete tag name) for a checkpoints folder or a tag directory."""
-    if (ckpt_dir / checkpoint.MANIFEST).is_file() or checkpoint._TAG.match(ckpt_dir.name):
+    if (ckpt_dir / checkpoint.MANIFEST).is_file() or ckpt_dir.name.startswith("step_"):
         ckpt_dir, tag = ckpt_dir.parent, ckpt_dir.name
     from pretrain.export import resolve_tag
     try:
@@ -163,11 +163,12 @@ def _agree(ok: bool, device) -> bool:
 
 
 def load_on_ranks(kind: str, path: Path, tag: str, env, device, scratch: Path):
-    """Every rank's copy of the model. A checkpoint is merged once, by rank 0, into `scratch`."""
+    """(model, tokenizer, model config, what was loaded) on every rank. A checkpoint is merged once, by
+    rank 0, into `scratch`, which every rank then loads."""
     if kind == "native":
-        return load_native(path)
+        return (*load_native(path), path)
     if kind == "hf":
-        return load_hf(path)
+        return (*load_hf(path), path)
     ckpt_dir, tag = checkpoint_tag(path, tag)
     if env.world_size == 1:
         return (*load_checkpoint(ckpt_dir, tag), ckpt_dir / tag)
@@ -192,9 +193,14 @@ def evaluate(args, env, device, log=print) -> dict:
     out = Path(args.out) if args.out else default_out(kind, path, args.tag)
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = out.parent / ".merged_weights"
-    loaded = load_on_ranks(kind, path, args.tag, env, device, scratch)
-    model, tokenizer, config = loaded[:3]
-    source = str(loaded[3]) if len(loaded) > 3 else str(path)
+    error = None
+    try:
+        model, tokenizer, config, source = load_on_ranks(kind, path, args.tag, env, device, scratch)
+    except Exception as e:  # re-raised below, after every rank has learnt of it: no rank waits forever
+        error = e
+    # also: every rank has read the merged weights before rank 0 removes them
+    if not _agree(error is None, device):
+        raise error or EvalError("another rank could not load the model; its message says why.")
     model = model.to(device)
     opts = EvalOptions(args.zeroshot_data, args.retrieval_data, args.batch_size, args.workers, str(out.parent))
     quiet = SimpleNamespace(log=lambda *a, **k: None, info=log if env.is_main else (lambda m: None))
@@ -202,7 +208,7 @@ def evaluate(args, env, device, log=print) -> dict:
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         metrics = runner.measure(model, device)
-    result = {"checkpoint": source, "format": kind, "precision": args.precision, "world_size": env.world_size,
+    result = {"checkpoint": str(source), "format": kind, "precision": args.precision, "world_size": env.world_size,
               "zeroshot_data": args.zeroshot_data, "retrieval_data": args.retrieval_data, "metrics": metrics}
     if env.is_main:
         out.write_text(json.dumps(result, indent=2) + "\n")
@@ -263,7 +269,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
     try:
         evaluate(args, env, device, log=lambda m: print(m, file=sys.stderr, flush=True) if env.is_main else None)
-    except (EvalError, FileNotFoundError, ValueError) as e:
+    except (EvalError, OSError, ValueError) as e:  # unreadable input: one message, exit 2
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     finally:
