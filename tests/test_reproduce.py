@@ -147,3 +147,23 @@ def test_feature_builds_run_precompute_once_and_carry_the_members(tmp_path):
     assert meta["fine_img"]["dim"] == 1280 and meta["fine_txt"]["dim"] == 384
     with pytest.raises(ValueError, match="feature kind 'labels'"):
         F.feature_build("labels", tmp_path / "noise40", pattern, tmp_path)
+
+
+def test_report_mode_wires_selection_into_the_three_comparisons_and_builds_nothing(tmp_path):
+    plan = R.PLANS["quick"]
+    runs = tmp_path / "runs"
+    val = {R.CLIP.name: 0.30, R.QUICK_ABLATION[0].name: 0.20, R.QUICK_ABLATION[1].name: 0.25,
+           R.MOBILENET_B1.name: 0.35, R.CONTROL_B1.name: 0.45}
+    for setting in [R.CLIP, *plan.ablation]:
+        for noise in {R.ABLATION_NOISE, *plan.noises}:
+            run = runs / R.run_name(setting, noise, 0, plan)
+            run.mkdir(parents=True)
+            (run / "results.json").write_text(json.dumps(fake_results(val[setting.name], val[setting.name] - 0.1,
+                                                                      steps=plan.steps)))
+    assert R.main(["--quick", "--report", "--runs", str(runs), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "reproduce.md").read_text()
+    assert f"CLIP vs SoftCLIP ({R.QUICK_ABLATION[1].name}) — with online targets" in md   # beta 0 beats the paper
+    assert f"CLIP vs SoftCLIP ({R.MOBILENET_B1.name}) — with label-free precomputed" in md
+    assert f"CLIP vs SoftCLIP ({R.CONTROL_B1.name}) — the positive control" in md
+    assert md.count("| 40% | FMNIST top-1 | 20.0 |") == 3
+    assert not (runs / "data").exists()   # --report built no data set and precomputed nothing
