@@ -115,10 +115,13 @@ def text_classifier(model, tokenizer, classnames: Sequence[str], templates: Sequ
 
 
 @torch.no_grad()
-def embed_pairs(model, loader, device, dummy, vision, images=True, texts=True, labels=False) -> dict:
-    """Embed every sample of this rank's share, in lockstep with the other ranks; gathered."""
+def embed_pairs(model, loader, device, dummy, images=True, texts=True, labels=False, vision=None) -> dict:
+    """Embed every sample of this rank's share, in lockstep with the other ranks; gathered.
+
+    vision: the VisionCfg whose mean/std normalise the uint8 batches (default: model.config.vision;
+    wrappers without one, such as an exported transformers model, pass it)."""
     out = {"image": [], "text": [], "labels": []}
-    v = vision  # loaders send uint8 images: normalised on the device with the model's mean/std, as in training
+    v = vision or model.config.vision  # loaders send uint8 images: normalised on the device with the model's mean/std, as in training
     for batch, real in lockstep(loader, dummy, device):
         img = model.encode_image(images_on_device(batch["images"], device, v.mean, v.std)).float().cpu() if images else None
         txt = model.encode_text(batch["input_ids"].to(device)).float().cpu() if texts else None
@@ -151,13 +154,14 @@ def make_dummy(model_config) -> Callable[[], dict]:
 
 def zeroshot(model, tokenizer, loader, classnames, templates, device, model_config, batch_size=256) -> dict:
     classifier = text_classifier(model, tokenizer, classnames, templates, device, batch_size)
-    got = embed_pairs(model, loader, device, make_dummy(model_config), model_config.vision, texts=False, labels=True)
+    got = embed_pairs(model, loader, device, make_dummy(model_config), texts=False, labels=True,
+                      vision=model_config.vision)
     logits = got["image"] @ classifier.T
     return {**topk_accuracy(logits, got["labels"], ks=(1, 5)), "n": int(got["labels"].numel())}
 
 
 def retrieval(model, loader, device, model_config) -> dict:
-    got = embed_pairs(model, loader, device, make_dummy(model_config), model_config.vision)
+    got = embed_pairs(model, loader, device, make_dummy(model_config), vision=model_config.vision)
     return {**retrieval_recall(got["image"], got["text"]), "n": int(got["image"].shape[0])}
 
 
