@@ -29,7 +29,7 @@ import torch
 from data.decode import IMAGE_EXTS, SampleError, decode_sample
 from data.fine import decode_fine, pack_fine
 from data.shards import ShardSet
-from data.tario import SkipLog, iter_tar_groups
+from data.tario import DataError, SkipLog, iter_tar_groups
 from data.tokenizer import Tokenizer
 
 
@@ -92,9 +92,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             if self.mode != "epochs":
                 return
             if sum(log.ok.values()) == good_before:  # decoding keeps pace: the pass is fully decoded
-                raise RuntimeError(f"{log.where}: none of its shards in epoch {self.epoch} gave a usable sample "
-                                   f"(unreadable: {sorted(log.unreadable)[:5]}; dropped as broken: {sorted(log.dropped)[:5]}; "
-                                   f"skipped: {dict(log.reasons)}). Drop or repair these shards.")
+                raise DataError(f"{log.where}: none of its shards in epoch {self.epoch} gave a usable sample "
+                                f"(unreadable: {sorted(log.unreadable)[:5]}; dropped as broken: {sorted(log.dropped)[:5]}; "
+                                f"skipped: {dict(log.reasons)}). Drop or repair these shards.")
             # Only reached when this worker's shards hold fewer samples than its quota (sizes
             # unknown, uneven shards, or skipped samples). Re-reading them keeps every rank at
             # the same step count, at the price of a few repeated samples.
@@ -127,9 +127,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             unreadable_run = 0 if produced else unreadable_run + 1
             # Resampled draws over shards that all fail would otherwise spin forever.
             if unreadable_run > 2 * len(self.shardset.shards) + 10:
-                raise RuntimeError(f"{log.where}: the last {unreadable_run} shards drawn gave no sample: unreadable "
-                                   f"{sorted(log.unreadable)[:5]}, dropped as broken {sorted(log.dropped)[:5]}. "
-                                   "Check the paths and permissions, or drop the broken shards.")
+                raise DataError(f"{log.where}: the last {unreadable_run} shards drawn gave no sample: unreadable "
+                                f"{sorted(log.unreadable)[:5]}, dropped as broken {sorted(log.dropped)[:5]}. "
+                                "Check the paths and permissions, or drop the broken shards.")
 
     def decoded(self, groups: Iterator[dict], log: SkipLog) -> Iterator[dict]:
         draft = getattr(self.transform, "draft_size", None)

@@ -22,6 +22,7 @@ Rank and world size are arguments: this module never reads the environment.
 from __future__ import annotations
 
 import bisect
+import glob
 import itertools
 import json
 import os
@@ -48,14 +49,19 @@ def split_sources(data: str | Sequence[str]) -> list[str]:
 
 
 def expand_one(pattern: str) -> list[str]:
-    """One source: a brace pattern, or a local directory (every .tar inside, sorted by name)."""
+    """One source: a brace pattern, a local glob ('shards/*.tar', sorted by name), or a local
+    directory (every .tar inside, sorted by name)."""
     if os.path.isdir(pattern):
         shards = sorted(str(p) for p in Path(pattern).glob("*.tar"))
         if not shards:
             raise ValueError(f"{pattern} is a directory without .tar shards; pass the shard folder or a brace "
                              "pattern such as 'shards/{000000..000099}.tar'.")
         return shards
-    return list(braceexpand.braceexpand(pattern))
+    expanded = list(braceexpand.braceexpand(pattern))
+    if is_local(pattern) and any(c in pattern for c in "*?["):
+        # img2dataset users type globs; a glob that matches nothing stays as written (then "not found")
+        return [m for p in expanded for m in (sorted(glob.glob(p)) or [p])]
+    return expanded
 
 
 def is_local(url: str) -> bool:

@@ -22,6 +22,14 @@ import warnings
 import zlib
 from typing import Collection, Iterator
 
+class DataError(RuntimeError):
+    """The training data failed as a whole: too many bad samples, or no readable shard.
+
+    Its own class so that the trainer can tell a data failure (exit code 4: fix or drop the shards
+    named in the message) from a bug. A RuntimeError subclass whose constructor takes one message,
+    so a DataLoader worker re-raises it in the main process under the same class."""
+
+
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 
@@ -153,7 +161,7 @@ class SkipLog:
             worst = sorted(self.bad, key=lambda s: -self.bad[s])[:5]
             detail = ", ".join(f"{s} ({self.bad[s]} bad / {self.bad[s] + self.ok[s]})" for s in worst)
             reasons = ", ".join(f"{r}: {n}" for r, n in self.reasons.most_common())
-            raise RuntimeError(
+            raise DataError(
                 f"{self.where}: {bad} of {seen} samples failed ({bad / seen:.1%} > max_fail_fraction="
                 f"{self.max_fail_fraction}). Worst shards: {detail}. Reasons: {reasons}. Fix or drop these "
                 "shards, or raise max_fail_fraction if this failure rate is expected.")

@@ -81,8 +81,10 @@ def is_complete(tag_dir: Path) -> str | None:
         return f"{m} is unreadable ({e})"
     for name, size in files.items():
         p = tag_dir / name
-        if not p.is_file() or p.stat().st_size != size:
-            return f"{p} is missing or has the wrong size"
+        if not p.is_file():
+            return f"{p} is missing"
+        if p.stat().st_size != size:
+            return f"{p} has the wrong size ({p.stat().st_size} bytes; {MANIFEST} says {size})"
     return None
 
 
@@ -131,14 +133,21 @@ def resolve_resume(resume: str | None, ckpt_dir: Path, world_size: int, log=prin
             return None
     else:
         tag_dir = Path(resume)
-        if (tag_dir / LATEST).is_file() or _tags(tag_dir):  # the checkpoints folder itself was given
+        run_dir = (tag_dir / "checkpoints").is_dir()  # a run directory: its latest complete tag
+        tag_dir = tag_dir / "checkpoints" if run_dir else tag_dir
+        if run_dir or (tag_dir / LATEST).is_file() or _tags(tag_dir):  # or the checkpoints folder itself
             found = find_latest(tag_dir, log)
             if found is None:
-                raise CheckpointError(f"--resume {resume}: no complete checkpoint inside.")
+                raise CheckpointError(f"--resume {resume}: no complete checkpoint inside; give a tag "
+                                      f"directory with a {MANIFEST}, or start without --resume.")
             tag_dir = found
-        reason = is_complete(tag_dir) if (tag_dir / MANIFEST).exists() else None
+        # Verified as `latest` is: a tag without its manifest (an interrupted save, or a copy that
+        # left it out) or with a missing or short file would fail inside DeepSpeed on some rank.
+        reason = is_complete(tag_dir)
         if reason:
-            raise CheckpointError(f"--resume {resume}: {reason}; pick an older tag or --resume latest.")
+            raise CheckpointError(f"--resume {resume}: {reason}; a tag counts only when its {MANIFEST} "
+                                  f"lists files that are all present with their sizes. Pick another "
+                                  f"tag, or --resume latest (the newest complete one).")
     saved = saved_world_size(tag_dir)
     if saved is not None and saved != world_size and not other_world:
         # DeepSpeed would otherwise fail deep inside with "Expected N of '*_optim_states.pt' ...".
@@ -159,8 +168,17 @@ def load(engine, tag_dir: Path) -> dict:
 
 
 def _prune(ckpt_dir: Path, keep: int, current: str) -> None:
-    """Keep the newest `keep` complete tags; drop older ones and incomplete leftovers older than current."""
+    """Keep the newest `keep` complete tags; drop older ones and incomplete leftovers older than current.
+
+    "Newest" is along the current trajectory: tags past `current` were written by a run this one
+    does not continue (it resumed from an older tag), so they go first rather than pushing this
+    run's own checkpoints out (issue 12).
+    """
     tags = _tags(ckpt_dir)
+    if keep > 0:
+        for t in [t for t in tags if t.name > current]:
+            shutil.rmtree(t, ignore_errors=True)
+        tags = [t for t in tags if t.name <= current]
     complete = [t for t in tags if is_complete(t) is None]
     doomed = complete[:-keep] if keep > 0 else []
     doomed += [t for t in tags if t not in complete and t.name < current]

@@ -86,6 +86,7 @@ class TrainConfig:
     ds_config: dict = field(repr=False)  # resolved dict handed to deepspeed.initialize
     specs: dict = field(repr=False)      # intervals as written by the user ("5%", "2ep", ...)
     derived: tuple[str, ...] = ()        # human-readable derived values, logged once
+    debug_data_error: str = ""           # fault injection for tests: "1@3" = rank 1's 3rd batch raises a DataError
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -134,7 +135,7 @@ DEFAULTS = dict(
     eval_every="0", log_every=10, lr=None, blr=None, min_lr=0.0, weight_decay=0.1, batch_size=None,
     micro_batch=None, grad_accum=None, contrastive_batch="global", output_dir=None, resume=None, keep_checkpoints=2,
     report_to="jsonl", wandb_project="softclip", max_nonfinite=5, debug_nan="",
-    deepspeed_config=None)
+    debug_data_error="", deepspeed_config=None)
 SOFT_OPTIONS = ("alpha", "beta", "soft_temperature", "soft_source", "soft_standardize", "soft_topk",
                 "soft_warmup", "soft_image_source", "soft_text_source", "ema_decay")
 TARGET_SOURCES = ("online", "precomputed", "ema")
@@ -194,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--wandb-project")
     a("--max-nonfinite", type=int, help="consecutive non-finite losses before aborting")
     a("--debug-nan", help=argparse.SUPPRESS)
+    a("--debug-data-error", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     import deepspeed  # adds --deepspeed and --deepspeed_config, as the deepspeed launcher expects
     deepspeed.add_config_arguments(p)
@@ -292,8 +294,9 @@ def build_config(argv: list[str] | None, env: DistEnv, cuda: bool, check_files: 
         derived.append(f"lr {lr:.3g} = blr {raw['blr']} x global batch {global_batch} / 256")
     elif raw["lr"] is not None:
         lr = float(raw["lr"])
-    need(lr > 0, f"learning rate {lr} must be > 0.")
-    need(0 <= float(raw["min_lr"]) <= lr, f"--min-lr {raw['min_lr']} must lie in [0, lr={lr}].")
+    need(lr > 0, f"learning rate {lr} must be > 0 (e.g. --lr {DEFAULT_LR}, or --blr for one that scales with the batch).")
+    need(lr <= 0 or 0 <= float(raw["min_lr"]) <= lr,  # a bad lr is one problem, not two
+         f"--min-lr {raw['min_lr']} must lie in [0, lr={lr}].")
     need(float(raw["weight_decay"]) >= 0, f"--weight-decay {raw['weight_decay']} must be >= 0.")
 
     # everything in steps
@@ -322,6 +325,9 @@ def build_config(argv: list[str] | None, env: DistEnv, cuda: bool, check_files: 
     nan_spec = tuple(str(raw["debug_nan"]).replace(",", " ").split())
     need(all(s.removeprefix("g").rstrip("+").isdigit() for s in nan_spec),
          f"--debug-nan {raw['debug_nan']!r}: steps like 3,5+ (loss) or g3,g5+ (gradients).")
+    fail_spec = str(raw["debug_data_error"]).split("@")
+    need(fail_spec == [""] or (len(fail_spec) == 2 and all(x.isdigit() for x in fail_spec)),
+         f"--debug-data-error {raw['debug_data_error']!r}: RANK@BATCH like 1@3.")
     resume = raw["resume"] if raw["resume"] not in ("", "none", "None") else None
     if check_files and raw["train_data"] is not None and raw["output_dir"] is not None:
         check_data_and_model(raw, resume, env, problems)
@@ -345,6 +351,6 @@ def build_config(argv: list[str] | None, env: DistEnv, cuda: bool, check_files: 
         grad_accum=accum, world_size=env.world_size, contrastive_batch=str(raw["contrastive_batch"]), output_dir=str(raw["output_dir"]), resume=resume,
         keep_checkpoints=int(raw["keep_checkpoints"]), report_to=report_to,
         wandb_project=str(raw["wandb_project"]), max_nonfinite=int(raw["max_nonfinite"]),
-        debug_nan=nan_spec, deepspeed_config=ds_path, ds_config=ds,
+        debug_nan=nan_spec, debug_data_error=str(raw["debug_data_error"]), deepspeed_config=ds_path, ds_config=ds,
         specs={k: str(raw[k]) for k in ("steps", "warmup", "save_every", "eval_every", "soft_warmup")},
         derived=tuple(derived))

@@ -9,11 +9,14 @@ the embedded data; choose --train-num-samples so that an epoch is a few thousand
 """
 from __future__ import annotations
 
+import atexit
 import signal
 
 import torch
 
+from data.tario import DataError
 from pretrain.config import TrainConfig
+from pretrain.failfast import end_worker_processes
 from pretrain.signals import STOP_SIGNALS
 
 
@@ -23,13 +26,25 @@ def _ignore_stop_signals(worker_id: int) -> None:
     # rank's SIGCHLD handler then raises "DataLoader worker ... killed by signal" at a random point
     # of the step, before the checkpoint the signal asked for. Workers leave the signals to their
     # rank, which stops after the step, checkpoints and closes the loader (measured, torch 2.14).
+    # The price: multiprocessing's exit hook stops daemonic children with SIGTERM and then waits for
+    # them, forever when they ignore it (issue 13: an exception escaping the loop hung the rank).
+    # iterate() therefore registers end_worker_processes (SIGKILL) to run before that hook.
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 
 
+_exit_hook_registered = False
+
+
 def iterate(loader):
     """Iterate a data.Loader with signal-safe workers (same DataLoader settings as Loader.__iter__)."""
+    global _exit_hook_registered
     workers = loader.num_workers
+    if workers > 0 and not _exit_hook_registered:
+        # atexit runs hooks last-registered first: this one runs before multiprocessing's (imported
+        # long before), so by then no worker is left for it to wait on.
+        atexit.register(end_worker_processes)
+        _exit_hook_registered = True
     dl = torch.utils.data.DataLoader(
         loader.dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=loader.pin_memory,
         persistent_workers=False, prefetch_factor=loader.prefetch_factor if workers > 0 else None,
@@ -42,6 +57,10 @@ class Feed:
         from data import make_train_loader
         v = model_cfg.vision
         self.state = state
+        # fault injection for tests (--debug-data-error RANK@N): this rank's N-th batch fails
+        fail_rank, _, fail_at = cfg.debug_data_error.partition("@")
+        self._fail_at = int(fail_at) if fail_rank and int(fail_rank) == env.rank else None
+        self._fetched = 0
         self.loader = make_train_loader(
             cfg.train_data, tokenizer, batch_size=cfg.micro_batch, image_size=v.image_size, mean=v.mean,
             std=v.std, rank=env.rank, world_size=env.world_size, num_workers=cfg.workers,
@@ -76,6 +95,9 @@ class Feed:
         return self
 
     def __next__(self) -> dict:
+        self._fetched += 1
+        if self._fetched == self._fail_at:
+            raise DataError(f"injected by --debug-data-error at batch {self._fail_at} of this start")
         try:
             batch = next(self._it)
         except StopIteration:

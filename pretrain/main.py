@@ -2,8 +2,9 @@
 
 Also runs under `torchrun --nproc_per_node N pretrain/main.py ...`, `srun python pretrain/main.py ...`
 or plain `python pretrain/main.py ...` (one process). Exit codes: 0 done; 2 configuration error
-(every rank, message on rank 0); 3 aborted on repeated non-finite losses; 124 (EXIT_PREEMPTED)
-stopped by SIGUSR1/SIGTERM after writing a checkpoint: requeue and `--resume latest`.
+(every rank, message on rank 0); 3 aborted on repeated non-finite losses; 4 the training data failed
+(pretrain/failfast.py; 1 for any other failure, on every rank); 124 (EXIT_PREEMPTED) stopped by
+SIGUSR1/SIGTERM after writing a checkpoint: requeue and `--resume latest`.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 
 from pretrain import checkpoint, dist as pdist, reshard, seeding
 from pretrain.config import ConfigError, TrainConfig, build_config, parse
+from pretrain.failfast import FailFast, default_store, fail_and_exit
 from pretrain.signals import EXIT_CONFIG, EXIT_PREEMPTED, StopFlag
 
 EXIT_NONFINITE = 3
@@ -110,6 +112,10 @@ def run(cfg: TrainConfig, env: pdist.DistEnv, log, stop: StopFlag) -> int:
     if tag_dir is not None:
         state = eng.TrainState.from_client_state(client_state)
         log.info(f"resumed from {tag_dir} at step {state.step} ({state.samples_seen} samples seen)")
+    dropped = log.drop_after(state.step)  # records of an abandoned trajectory (see pretrain/runlog.py)
+    if dropped:
+        log.info(f"log: {dropped} records past step {state.step} moved to log.abandoned.jsonl")
+    if tag_dir is not None:
         log.write({"kind": "event", "event": "resume", "step": state.step, "tag": str(tag_dir)})
     log.advance(state.step)
     seeding.seed_training(cfg.seed, env.rank, state.step)  # per-rank dropout masks from here on
@@ -144,9 +150,11 @@ def run(cfg: TrainConfig, env: pdist.DistEnv, log, stop: StopFlag) -> int:
         feed.close()
     if outcome == "stopped":
         save()
-        log.info(f"received {stop.name}: checkpoint at step {state.step} written; exiting with "
+        # the ranks agree to stop when any of them got the signal; this one may not have
+        got = stop.name or "a stop signal on another rank"
+        log.info(f"received {got}: checkpoint at step {state.step} written; exiting with "
                  f"{EXIT_PREEMPTED} (resume with --resume latest)")
-        log.write({"kind": "event", "event": "preempted", "signal": stop.name, "step": state.step})
+        log.write({"kind": "event", "event": "preempted", "signal": stop.name or "another rank", "step": state.step})
         return EXIT_PREEMPTED
     final = evals.run(engine, state.step)
     state.history.append(final)
@@ -161,16 +169,20 @@ def run(cfg: TrainConfig, env: pdist.DistEnv, log, stop: StopFlag) -> int:
 
 
 def save_config(cfg: TrainConfig, log) -> None:
-    """RUN/config.json is the resolved config of the latest start; a different earlier one is kept."""
+    """RUN/config.json is the resolved config of the latest start; every different earlier one is kept
+    as config.previous-N.json (N = 1, 2, ... in order), none overwritten."""
     path = Path(cfg.output_dir) / "config.json"
     new = cfg.to_dict()
     if path.exists():
         old = json.loads(path.read_text())
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != json.loads(json.dumps(new.get(k))))
         if changed:
-            path.replace(path.with_name("config.previous.json"))
+            n = 1
+            while path.with_name(f"config.previous-{n}.json").exists():
+                n += 1
+            path.replace(path.with_name(f"config.previous-{n}.json"))
             log.info(f"config: differs from the previous start in {', '.join(changed)} "
-                     f"(old one kept as config.previous.json)")
+                     f"(old one kept as config.previous-{n}.json)")
     cfg.save(path)
 
 
@@ -199,8 +211,15 @@ def main(argv: list[str] | None = None) -> int:
         save_config(cfg, log)
     for line in cfg.derived:
         log.info(f"config: {line}")
+    watch = FailFast(default_store(), env.rank, env.world_size).start()
     try:
-        return run(cfg, env, log, stop)
+        try:
+            code = run(cfg, env, log, stop)
+        except Exception as e:  # any rank's failure ends every rank, with one exit code (pretrain/failfast.py)
+            fail_and_exit(e, watch, env.rank, log)
+        watch.stop()
+        barrier()  # rank 0 takes the store with it: no rank leaves while a peer's watcher still polls it
+        return code
     finally:
         stop.uninstall()
         log.close()

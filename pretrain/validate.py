@@ -9,6 +9,8 @@ import json
 import os
 from pathlib import Path
 
+from pretrain import preflight
+
 # Keys DeepSpeed reads only inside "zero_optimization"; at the top level they are silently ignored.
 ZERO_KEYS = ("stage", "overlap_comm", "contiguous_gradients", "reduce_bucket_size", "allgather_bucket_size",
              "reduce_scatter", "sub_group_size", "offload_param", "offload_optimizer")
@@ -208,12 +210,16 @@ def check_data_and_model(raw: dict, resume: str | None, env, problems: list[str]
     urls = expand_shards(raw["train_data"])
     missing = [u for u in urls if not _is_remote(u) and not os.path.isfile(u)]
     if not urls:
-        problems.append(f"--train-data {raw['train_data']!r} names no shards.")
+        problems.append(f"--train-data {raw['train_data']!r} names no shards; give a brace pattern "
+                        f"('shards/{{00000..00099}}.tar'), a glob ('shards/*.tar'), a folder of .tar files, "
+                        f"or 'embedded'.")
     elif missing:
         hint = " (build the embedded shards with `python -m data.embedded`)" if "embedded" in raw["train_data"] else ""
-        problems.append(f"--train-data: {len(missing)} of {len(urls)} shards not found, e.g. {missing[0]}{hint}.")
+        problems.append(f"--train-data: {len(missing)} of {len(urls)} shards not found, e.g. {missing[0]}{hint}; "
+                        f"check the path and the brace range, or point at the folder that holds the .tar files.")
     if urls and not missing:
         check_fine_members(raw, problems)
+        preflight.check_sample_count(urls, raw["train_num_samples"], problems)
     if urls and raw.get("data_sampling") == "epochs":
         from data.shards import check_split
         try:
@@ -231,6 +237,8 @@ def check_data_and_model(raw: dict, resume: str | None, env, problems: list[str]
     if resume not in (None, "latest") and not Path(resume).is_dir():
         problems.append(f"--resume {resume}: no such checkpoint directory; give a tag directory "
                         f"(RUN/checkpoints/step_00000100) or 'latest'.")
+    else:
+        preflight.check_resume(resume, raw["output_dir"], env.world_size, problems)
     out = Path(raw["output_dir"])
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -251,6 +259,7 @@ def check_eval_data(flag: str, value: str) -> list[str]:
 
 
 def _check_eval_path(flag: str, v: str, problems: list[str]) -> None:
+    preflight.check_embedded_eval(flag, v, problems)
     if v.startswith("embedded:") and not (Path(v[len("embedded:"):]) / "manifest.json").is_file():
         problems.append(f"--{flag.replace('_', '-')} {v}: no embedded build there (python -m data.embedded --out DIR).")
     elif v not in ("embedded", "none") and not v.startswith("embedded:") and not _is_remote(v) and not all(map(os.path.exists, expand_shards(v) or [v])):
@@ -274,13 +283,18 @@ def vocab_override(model: str, vocab_size: int) -> dict:
 
 
 def _check_vocab(model: str, tok_dir: Path, problems: list[str]) -> None:
-    try:
-        from data.tokenizer import Tokenizer
-        from models import get_model_config
+    from data.tokenizer import Tokenizer
+    from models import get_model_config
+    try:  # one message for the flag at fault, not both (issue 13)
         tok = Tokenizer.load(str(tok_dir))
+    except (OSError, ValueError, KeyError) as e:
+        problems.append(f"--tokenizer {tok_dir}: cannot load it ({e}); point at a tokenizer directory "
+                        f"(data.tokenizer writes one; data/embedded/tokenizer is built by `python -m data.embedded`).")
+        return
+    try:
         mcfg = get_model_config(model, **vocab_override(model, tok.vocab_size))
     except (OSError, ValueError, KeyError) as e:
-        problems.append(f"--model {model} / --tokenizer {tok_dir}: cannot load ({e}).")
+        problems.append(f"--model {model}: {e}; pick a named config or give a model JSON (models/configs/*.json).")
         return
     t = mcfg.text
     got = (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id)

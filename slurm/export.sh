@@ -8,7 +8,9 @@
 #
 # One process, no GPU and no process group (DeepSpeed's zero_to_fp32 reads the shards as files),
 # so it runs in any partition; memory is the fp32 model plus one rank's shard at a time (~4 GB
-# for ViT-L/14).
+# for ViT-L/14). The request below (8 CPUs, 32G) is sized for ViT-H; on smaller nodes or models
+# override it on the command line, which wins over these #SBATCH lines:
+#   sbatch --cpus-per-task=2 --mem=8G slurm/export.sh     # ViT-B/16 or ViT-L/14
 #
 # Environment (SOFTCLIP_-prefixed, see slurm/README.md): SOFTCLIP_RUN_DIR (required), SOFTCLIP_TAG
 # (latest), SOFTCLIP_OUT (SOFTCLIP_RUN_DIR/export), SOFTCLIP_FORMATS (native,hf,timm), plus the

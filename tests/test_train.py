@@ -50,7 +50,9 @@ def test_signal_then_kill9_then_resume_reproduces_every_loss(embedded, reference
     procs[1].send_signal(signal.SIGUSR1)
     codes, out = wait(procs)
     assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED], out[-4000:]
-    stopped = [r for r in records(run, "event") if r.get("event") == "preempted"][-1]["step"]
+    preempted = [r for r in records(run, "event") if r.get("event") == "preempted"][-1]
+    assert preempted["signal"] == "another rank"  # rank 0 logs, rank 1 got the signal
+    stopped = preempted["step"]
     assert 3 <= stopped < STEPS - 2 and checkpoint.find_latest(ckpts).name == checkpoint.tag_for(stopped)
 
     # 2) resume; kill -9 both ranks as soon as the next periodic checkpoint is complete

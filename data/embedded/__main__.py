@@ -3,7 +3,7 @@
 import argparse
 import time
 
-from data.embedded.build import DEFAULT_OUT, DEFAULT_TOKENIZER, EMOJI_REPEATS, build
+from data.embedded.build import DEFAULT_OUT, DEFAULT_TOKENIZER, EMOJI_REPEATS, build, current_build
 
 
 def main() -> None:
@@ -17,8 +17,13 @@ def main() -> None:
                         help=f"tokenizer folder (default {DEFAULT_TOKENIZER}); identical for every noise and seed")
     parser.add_argument("--emoji-repeats", type=int, default=EMOJI_REPEATS,
                         help="caption variants (training copies) per training emoji")
+    parser.add_argument("--force", action="store_true", help="rebuild even when an identical build exists")
     args = parser.parse_args()
     start = time.perf_counter()
+    if not args.force and current_build(args.out, args.caption_noise, args.seed, args.tokenizer_out,
+                                        args.emoji_repeats) is not None:
+        print(f"{args.out}/manifest.json: an identical build exists; nothing to do (--force rebuilds)")
+        return
     manifest = build(args.out, args.caption_noise, args.seed, args.tokenizer_out, args.emoji_repeats)
     print(f"built in {time.perf_counter() - start:.1f} s: {args.out}/manifest.json "
           f"(noisy captions: {manifest['noisy']})")

@@ -25,7 +25,9 @@ import math
 import multiprocessing
 import os
 import random
+import shutil
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -158,15 +160,16 @@ def build_tokenizer(fmnist, emoji_images, emoji_meta, out: Path, vocab_size: int
 def build(out: str | Path = DEFAULT_OUT, caption_noise: float = 0.0, seed: int = 0,
           tokenizer_out: str | Path = DEFAULT_TOKENIZER, emoji_repeats: int = EMOJI_REPEATS,
           progress: bool = True) -> dict:
-    """Write all shard sets, manifest.json and the tokenizer; returns the manifest."""
+    """Write all shard sets, manifest.json and the tokenizer; returns the manifest.
+
+    The shards are written into a new folder beside `out` and published by pointing the symlink
+    `out` at it (an atomic rename), so a run reading the previous build never sees a half-written
+    or missing set (issue 13: a rebuild deleted the shards under a running job).
+    """
     if not 0.0 <= caption_noise < 1.0:
         raise ValueError(f"caption_noise={caption_noise} must lie in [0, 1); it is the fraction of swapped captions.")
-    out, tokenizer_out = Path(out), Path(tokenizer_out)
-    # Stale shards of an earlier build must not linger under the same patterns; only files this
-    # module writes are removed, in case --out points at a folder holding other things.
-    for stale in [*out.glob("train-*.tar"), *out.glob("fmnist-*.tar"), *out.glob("emoji-*.tar"),
-                  out / "sizes.json", out / "manifest.json"]:
-        stale.unlink(missing_ok=True)
+    final, tokenizer_out = Path(out), Path(tokenizer_out)
+    out = final.parent / f".{final.name}.build-{time.time_ns()}"
     arrays = load_arrays()
     say = print if progress else (lambda *a, **k: None)
     samples = train_samples(*arrays, caption_noise, seed, emoji_repeats)
@@ -184,7 +187,28 @@ def build(out: str | Path = DEFAULT_OUT, caption_noise: float = 0.0, seed: int =
                    emoji=sum(s["json"]["noisy"] for s in samples if s["json"]["source"] == "emoji")),
         sets=sets, tokenizer=str(tokenizer_out.resolve()), vocab_size=tok.vocab_size)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    _publish(out, final)
     return manifest
+
+
+def _publish(build_dir: Path, out: Path) -> None:
+    """Point `out` (a symlink) at build_dir atomically, then delete the build it replaced.
+
+    Readers hold paths through `out` (shard_pattern does not resolve the link), so a running job
+    opens the new build's shards (same names) from then on; a shard it already has open stays
+    readable after its file is unlinked (POSIX). An `out` that is a real folder (a build from
+    before this scheme) is moved aside first: the one moment it is missing is that rename.
+    """
+    old = out.resolve() if out.is_symlink() else None
+    if out.is_dir() and not out.is_symlink():
+        old = out.parent / f".{out.name}.old-{time.time_ns()}"
+        os.rename(out, old)
+    link = out.parent / f".{out.name}.link-{os.getpid()}"
+    link.unlink(missing_ok=True)
+    os.symlink(build_dir.name, link)  # relative: the folder can move with the repository
+    os.replace(link, out)
+    if old is not None and old != build_dir.resolve():
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_manifest(out: str | Path = DEFAULT_OUT) -> dict:
@@ -195,19 +219,28 @@ def load_manifest(out: str | Path = DEFAULT_OUT) -> dict:
     return json.loads(path.read_text())
 
 
-def ensure_built(out: str | Path = DEFAULT_OUT, caption_noise: float = 0.0, seed: int = 0,
-                 tokenizer_out: str | Path = DEFAULT_TOKENIZER, progress: bool = False) -> dict:
-    """The manifest of a build with these settings, building only when missing or different."""
+def current_build(out: str | Path = DEFAULT_OUT, caption_noise: float = 0.0, seed: int = 0,
+                  tokenizer_out: str | Path = DEFAULT_TOKENIZER, emoji_repeats: int = EMOJI_REPEATS) -> dict | None:
+    """The manifest of the build at `out` when it was made with these settings, else None."""
     try:
         manifest = load_manifest(out)
         same = (manifest.get("version") == MANIFEST_VERSION and manifest["caption_noise"] == caption_noise
-                and manifest["seed"] == seed and Path(manifest["tokenizer"]) == Path(tokenizer_out).resolve()
+                and manifest["seed"] == seed and manifest.get("emoji_repeats", EMOJI_REPEATS) == emoji_repeats
+                and Path(manifest["tokenizer"]) == Path(tokenizer_out).resolve()
                 and (Path(tokenizer_out) / "spm.model").is_file())
-        if same:
-            return manifest
     except (FileNotFoundError, KeyError, json.JSONDecodeError):
-        pass
-    return build(out, caption_noise, seed, tokenizer_out, progress=progress)
+        return None
+    return manifest if same else None
+
+
+def ensure_built(out: str | Path = DEFAULT_OUT, caption_noise: float = 0.0, seed: int = 0,
+                 tokenizer_out: str | Path = DEFAULT_TOKENIZER, progress: bool = False,
+                 emoji_repeats: int = EMOJI_REPEATS) -> dict:
+    """The manifest of a build with these settings, building only when missing or different."""
+    manifest = current_build(out, caption_noise, seed, tokenizer_out, emoji_repeats)
+    if manifest is not None:
+        return manifest
+    return build(out, caption_noise, seed, tokenizer_out, emoji_repeats, progress=progress)
 
 
 def shard_pattern(name: str, out: str | Path = DEFAULT_OUT) -> str:
@@ -215,4 +248,5 @@ def shard_pattern(name: str, out: str | Path = DEFAULT_OUT) -> str:
     sets = load_manifest(out)["sets"]
     if name not in sets:
         raise KeyError(f"No shard set {name!r}; the embedded build has {sorted(sets)}.")
-    return str(Path(out).resolve() / sets[name]["pattern"])
+    # absolute, but through the `out` link, not resolved: a rebuild swaps the folder behind it
+    return str(Path(out).absolute() / sets[name]["pattern"])

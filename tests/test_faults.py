@@ -1,0 +1,175 @@
+"""Fault injection: every failure ends every rank promptly with its documented exit code (issue 13).
+
+Real runs (tiny-test, ZeRO-3 on gloo, DataLoader workers) on 1 and 2 ranks, one per failure mode:
+a data error inside a worker, a data error on one rank only, unreadable inputs, the non-finite
+abort, a rank (or, on 1 rank, a DataLoader worker) killed mid-step. Each asserts the exit codes
+and that every process is gone within EXIT_BOUND_S of the first error it printed. Before the fix a
+data error with workers hung forever (the worker ignores SIGTERM, multiprocessing's exit hook
+SIGTERMs it and waits), and a peer of a failed rank waited in its collective.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from io import BytesIO
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from pretrain.failfast import EXIT_DATA, EXIT_ERROR
+from pretrain.main import EXIT_NONFINITE
+
+from tests.test_train_support import REPO, embedded, launch, records, train_args  # noqa: F401
+
+EXIT_BOUND_S = 60   # after the first error line; generous: the machine is shared and loaded
+HANG_S = 420        # a run still alive this long after its start has hung
+
+
+class Watched:
+    """Ranks whose output lines are time-stamped as they arrive, so the exit delay can be measured."""
+
+    def __init__(self, procs: list[subprocess.Popen]):
+        self.procs, self.lines = procs, []
+        self._readers = [threading.Thread(target=self._read, args=(p,), daemon=True) for p in procs]
+        for t in self._readers:
+            t.start()
+
+    def _read(self, proc) -> None:
+        for line in proc.stdout:
+            self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+    def output(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+    def first(self, needle: str) -> float | None:
+        return next((t for t, line in self.lines if needle in line), None)
+
+    def wait(self) -> tuple[list[int], dict[int, float]]:
+        """Exit codes and exit times; kills everything and fails the test if a rank hangs."""
+        deadline, exited = time.monotonic() + HANG_S, {}
+        while len(exited) < len(self.procs):
+            for i, p in enumerate(self.procs):
+                if i not in exited and p.poll() is not None:
+                    exited[i] = time.monotonic()
+            if time.monotonic() > deadline:
+                for p in self.procs:
+                    p.kill()
+                pytest.fail(f"ranks {sorted(set(range(len(self.procs))) - set(exited))} hung:\n{self.output()[-4000:]}")
+            time.sleep(0.05)
+        for t in self._readers:
+            t.join(timeout=30)  # orphaned workers would keep the pipe open
+            assert not t.is_alive(), f"a process still holds the output pipe:\n{self.output()[-3000:]}"
+        return [p.returncode for p in self.procs], exited
+
+    def assert_prompt(self, exited: dict[int, float], needle: str = "error") -> None:
+        t_error = self.first(needle)
+        assert t_error is not None, self.output()[-4000:]
+        slowest = max(exited.values()) - t_error
+        assert slowest < EXIT_BOUND_S, f"last rank exited {slowest:.0f} s after the error:\n{self.output()[-3000:]}"
+
+
+def fault_args(embedded: Path, run: Path, *extra: str) -> list[str]:
+    return train_args(embedded, run, "--steps", "6", "--save-every", "0", "--zeroshot-data", "none",
+                      "--retrieval-data", "none", "--debug-nan", "", "--batch-size", "16", *extra)
+
+
+def write_corrupt_shard(path: Path, n: int) -> None:
+    """n samples whose images are not images: every one is a counted failure."""
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            for ext, data in (("jpg", b"not a jpeg at all"), ("txt", f"a photo of thing {i}".encode())):
+                info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def bad_data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad_data")
+    write_corrupt_shard(root / "corrupt.tar", 400)  # more than the 256 samples the failure bound waits for
+    (root / "empty.tar").write_bytes(b"")           # not a tar at all: unreadable
+    return dict(corrupt=root / "corrupt.tar", empty=root / "empty.tar")
+
+
+# (mode, world): every failure mode on 1 and 2 ranks
+CASES = [("worker-data-error", 1), ("worker-data-error", 2), ("one-rank-data-error", 1), ("one-rank-data-error", 2),
+         ("unreadable", 1), ("unreadable", 2), ("nonfinite", 2), ("killed", 1), ("killed", 2)]
+
+
+@pytest.mark.parametrize("mode, world", CASES, ids=[f"{m}-{w}rank" for m, w in CASES])
+def test_every_failure_ends_every_rank_promptly(embedded, bad_data, tmp_path, mode, world):
+    run = tmp_path / "run"
+    extra = {
+        "worker-data-error": ("--train-data", str(bad_data["corrupt"]), "--train-num-samples", "400"),
+        "one-rank-data-error": ("--debug-data-error", f"{world - 1}@2"),
+        "unreadable": ("--train-data", str(bad_data["empty"]), "--train-num-samples", "64"),
+        "nonfinite": ("--debug-nan", "2+", "--max-nonfinite", "2"),
+        "killed": (),
+    }[mode]
+    ranks = Watched(launch(fault_args(embedded, run, *extra), world=world))
+    if mode == "killed":
+        while len(records(run)) < 1 and all(p.poll() is None for p in ranks.procs):
+            time.sleep(0.05)
+        if world == 2:
+            ranks.procs[1].send_signal(signal.SIGKILL)  # a rank lost mid-training (OOM killer, node)
+        else:
+            kill_a_worker(ranks.procs[0].pid)           # one rank: its DataLoader worker dies instead
+        t_kill = time.monotonic()
+    codes, exited = ranks.wait()
+    out = ranks.output()
+
+    expected = {"worker-data-error": EXIT_DATA, "one-rank-data-error": EXIT_DATA, "unreadable": EXIT_DATA,
+                "nonfinite": EXIT_NONFINITE, "killed": EXIT_ERROR}[mode]
+    if mode == "killed" and world == 2:
+        assert codes[1] == -signal.SIGKILL and codes[0] == EXIT_ERROR, (codes, out[-4000:])
+        assert max(exited.values()) - t_kill < EXIT_BOUND_S, out[-3000:]
+        return
+    assert codes == [expected] * world, (codes, out[-4000:])
+    ranks.assert_prompt(exited, "non-finite" if mode == "nonfinite" else "error")
+    if mode in ("worker-data-error", "unreadable", "one-rank-data-error"):
+        # one clear line, not only a DataLoader traceback
+        assert any(line.startswith(f"error: rank {world - 1}: ") for _, line in ranks.lines), out[-3000:]
+        assert "%|" not in out  # no progress bar in a log file (it glued onto messages)
+    if world == 2 and mode == "one-rank-data-error":
+        assert "error: rank 1 failed (exit 4): injected by --debug-data-error" in out, out[-3000:]
+
+
+def kill_a_worker(rank_pid: int) -> None:
+    children = Path(f"/proc/{rank_pid}/task/{rank_pid}/children").read_text().split()
+    assert children, "the rank has no DataLoader worker to kill"
+    os.kill(int(children[0]), signal.SIGKILL)
+
+
+RAISING_LOOP = """
+import torch
+from types import SimpleNamespace
+from data.tario import DataError
+from pretrain.feed import iterate
+
+class Broken(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield torch.zeros(1)
+        raise DataError("rank 0 worker 0: 5 of 69 samples failed")
+
+loader = SimpleNamespace(dataset=Broken(), num_workers=1, pin_memory=False, prefetch_factor=2)
+for batch in iterate(loader):
+    pass
+"""
+
+
+def test_an_exception_escaping_the_worker_loop_does_not_hang_the_process():
+    """The minimal form of the blocker: before the fix this process never exited."""
+    t0 = time.monotonic()
+    try:
+        r = subprocess.run([sys.executable, "-c", RAISING_LOOP], cwd=REPO, capture_output=True, text=True,
+                           timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process hung after its DataLoader worker raised")
+    assert r.returncode == 1 and "DataError: rank 0 worker 0: 5 of 69 samples failed" in r.stderr, r.stderr[-2000:]
+    assert time.monotonic() - t0 < EXIT_BOUND_S, r.stderr[-2000:]
