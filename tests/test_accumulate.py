@@ -162,8 +162,8 @@ def test_micro_mode_sees_fewer_columns_and_differs(runs):
 
 # ---------------------------------------------------------------- stochastic layers (one process)
 class _AutogradEngine:
-    """The three calls accumulate.step makes of a DeepSpeed engine, on plain autograd (one process, no
-    ZeRO): gradients add up in .grad, as they do between DeepSpeed's accumulation boundaries."""
+    """The calls accumulate.step makes of a DeepSpeed engine, on plain autograd (one process, no ZeRO):
+    gradients add up in .grad, as they do between DeepSpeed's accumulation boundaries."""
 
     def __init__(self, task):
         self.module, self.device = task, torch.device("cpu")
@@ -177,6 +177,9 @@ class _AutogradEngine:
 
     def step(self):
         pass
+
+    def zero_optimization_stage(self):  # the non-finite gradient check reads .grad at stage 0
+        return 0
 
 
 @pytest.mark.parametrize("fork", [True, False])
