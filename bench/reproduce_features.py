@@ -1,6 +1,6 @@
 """Precomputed target features for bench/reproduce.py, one shard set per kind and caption noise,
 each written once through `python -m data.precompute_fine` (resumable: a finished set has fine.json
-and is kept; an interrupted one is rebuilt).
+and is kept; an interrupted one continues from its finished shards).
 
     pretrained   fine_img: ImageNet MobileNetV2 regions (`--image-encoder mobilenetv2`, 112 px, 2x2),
                  fine_txt: MiniLM caption tokens (`--text-encoder minilm`). Label-free: a user can
@@ -13,7 +13,6 @@ and is kept; an interrupted one is rebuilt).
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,8 +32,9 @@ def feature_build(kind: str, shards: Path, train_pattern: str, data_root: Path) 
     out = data_root / f"{shards.name}-{kind}"
     if (out / "fine.json").is_file():
         return out
+    # An interrupted build is continued, not restarted: precompute_fine keeps the shards it finished
+    # in `tmp` (and refuses to mix extractors there). The folder is renamed only when complete.
     tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     print(f"  precomputing {kind} features -> {out}", flush=True)
     base = [sys.executable, "-m", "data.precompute_fine", "--data", train_pattern, "--out", str(tmp)]
     if kind == PRETRAINED:
