@@ -59,7 +59,9 @@ class Diagnostics:
         """S [n, n] of the probe (fp32, CPU) and a note on where its token features came from."""
         from losses import SoftCLIPLoss
         from losses.softclip import positive_mask, soft_target_logits
-        images, ids = batch["images"].to(device), batch["input_ids"].to(device)
+        from data.transforms import images_on_device
+        v = self.model_cfg.vision  # the loaders send uint8 images: normalised on the device, as in training
+        images, ids = images_on_device(batch["images"], device, v.mean, v.std), batch["input_ids"].to(device)
         out = task.model(images, ids)
         loss = task.loss if isinstance(task.loss, SoftCLIPLoss) else None
         settings = loss or SoftCLIPLoss()              # clip runs: what SoftCLIP's defaults would build
@@ -112,6 +114,8 @@ def target_stats(s: torch.Tensor, labels: torch.Tensor | None) -> dict:
 
 
 def _thumb(image: torch.Tensor, mean, std):
+    if image.dtype == torch.uint8:  # what the loaders send
+        return image.permute(1, 2, 0).numpy()
     x = image.float() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
     return x.clamp(0, 1).permute(1, 2, 0).numpy()
 
