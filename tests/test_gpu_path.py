@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a worker script by the tests below
 
 from tests.test_train_support import REPO, embedded, free_port, launch, records, train_args, wait  # noqa: F401
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_single", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
                "all_gather_object")
 
 
@@ -255,7 +255,7 @@ def test_every_collective_runs_at_world_size_1_on_the_engine_device(world1):
     r = _load(world1, "collectives")
     callers = {(c["caller"], c["name"]) for c in r["calls"]}
     for want in (("_sum_over_ranks", "all_reduce"), ("lockstep", "all_reduce"),
-                 ("all_gather_no_grad", "all_gather"), ("all_gather_with_grad", "all_gather_single_autograd"),
+                 ("all_gather_no_grad", "all_gather_single"), ("all_gather_with_grad", "all_gather_single_autograd"),
                  ("gather_cat", "all_gather_object")):
         assert want in callers, (want, sorted(callers))
     wrong = [c for c in r["calls"] if c["devices"] and c["devices"] != [r["engine_device"]]]
