@@ -31,8 +31,8 @@ if __package__ in (None, ""):  # run as a worker script by the tests below
 
 from tests.test_train_support import REPO, embedded, free_port, launch, records, train_args, wait  # noqa: F401
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_single", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
-               "all_gather_object")
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_single", "all_gather_into_tensor", "reduce_scatter_tensor",
+               "broadcast", "all_gather_object")
 
 
 # ---------------------------------------------------------------- worker helpers (run in subprocesses)
