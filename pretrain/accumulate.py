@@ -88,8 +88,8 @@ def step(engine, data, cfg, state) -> dict:
     caught before DeepSpeed's step at the A-th micro-batch (pretrain/nonfinite.py, as in the plain
     loop): that step is skipped on every rank and redone with the next A micro-batches.
     """
-    from pretrain.engine import NonFiniteLoss, _inject_nan
-    from pretrain.nonfinite import gradients_finite, poison_gradient, skip_step
+    from pretrain.engine import _inject_nan
+    from pretrain.nonfinite import gradients_finite, poison_gradient, skip_nonfinite_step
     accum, grad_tries = cfg.grad_accum, 0
     while True:
         batches, rngs, grads, logged = _global_loss_grads(engine, data, cfg, state)
@@ -109,14 +109,8 @@ def step(engine, data, cfg, state) -> dict:
             engine.step()
         else:
             return logged
-        skip_step(engine)
-        state.nonfinite_grad_total += 1
         grad_tries += 1
-        if grad_tries >= cfg.max_nonfinite:
-            raise NonFiniteLoss(
-                f"gradients were non-finite (with a finite loss) for {grad_tries} global batches in a row of "
-                f"step {state.step + 1} (bound --max-nonfinite {cfg.max_nonfinite}). Lower --lr or raise "
-                f"--warmup, then --resume latest (the last checkpoint holds no non-finite update).")
+        skip_nonfinite_step(engine, state, grad_tries, cfg.max_nonfinite)
 
 
 def _global_loss_grads(engine, data, cfg, state):

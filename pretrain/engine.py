@@ -22,7 +22,7 @@ from pretrain import accumulate, schedule
 from pretrain.batches import batch_to_device
 from pretrain.config import FINE_MEMBER, TrainConfig
 from pretrain.logit_scale import clamp_logit_scale_
-from pretrain.nonfinite import gradients_finite, poison_gradient, skip_step
+from pretrain.nonfinite import gradients_finite, poison_gradient, skip_nonfinite_step
 from pretrain.telemetry import Telemetry
 from pretrain.teacher import EMA, teacher_tokens
 
@@ -240,14 +240,8 @@ def train(engine, data, cfg: TrainConfig, state: TrainState, log, stop, on_step_
             # the summed gradients (a collective: every rank agrees); the step is skipped and redone
             # with the next batches, like a dropped non-finite loss, so it is never checkpointed.
             if micro + 1 == cfg.grad_accum and not gradients_finite(engine):
-                skip_step(engine)
-                state.nonfinite_grad_total += 1
                 bad_grad_run += 1
-                if bad_grad_run >= cfg.max_nonfinite:
-                    raise NonFiniteLoss(
-                        f"gradients were non-finite (with a finite loss) for {bad_grad_run} tries in a row of "
-                        f"step {state.step + 1} (bound --max-nonfinite {cfg.max_nonfinite}). Lower --lr or "
-                        f"raise --warmup, then --resume latest (the last checkpoint holds no non-finite update).")
+                skip_nonfinite_step(engine, state, bad_grad_run, cfg.max_nonfinite)
                 del terms, loss
                 sums, micro = {}, 0
                 continue

@@ -69,6 +69,20 @@ def skip_step(engine) -> None:
                             "may be corrupt. --resume latest (the last checkpoint predates it).")
 
 
+def skip_nonfinite_step(engine, state, tries: int, bound: int) -> None:
+    """Skip the optimizer step whose gradients are non-finite (every rank), count it in
+    state.nonfinite_grad_total, and abort once `tries` (this step's failed tries, this one included)
+    reaches `bound` (--max-nonfinite). Used by the plain loop and by global-batch accumulation."""
+    from pretrain.engine import NonFiniteLoss
+    skip_step(engine)
+    state.nonfinite_grad_total += 1
+    if tries >= bound:
+        raise NonFiniteLoss(
+            f"gradients were non-finite (with a finite loss) for {tries} tries in a row of step "
+            f"{state.step + 1} (bound --max-nonfinite {bound}). Lower --lr or raise --warmup, then "
+            f"--resume latest (the last checkpoint holds no non-finite update).")
+
+
 class _NanGradient(torch.autograd.Function):
     """Identity forward, NaN backward: a finite loss with non-finite gradients (--debug-nan g3)."""
 
