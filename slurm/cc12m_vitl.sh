@@ -28,10 +28,16 @@
 # directory, `--resume latest`). Output is appended across restarts in logs/<name>-<jobid>.out
 # (Slurm does not create logs/: make it once).
 #
+# Targets: SOFTCLIP_TARGETS=image-features (default, the recommended recipe) builds SoftCLIP's soft
+# targets from ImageNet MobileNetV2 regions precomputed into the shards, once, before training:
+#   python -m data.precompute_fine --data '/data/cc12m/{00000..01242}.tar' --out /data/cc12m-mobilenetv2/ \
+#       --text-encoder none --image-encoder mobilenetv2 --workers 16 [--device cuda]
+# (README, "Recommended recipe": cost per million images). SOFTCLIP_TARGETS=online needs no precompute.
+#
 # Environment variables, all prefixed SOFTCLIP_ so that a variable that happens to be set in the
 # submitting shell (sbatch exports the caller's environment) cannot change a job (defaults below):
-# SOFTCLIP_ + DATA_ROOT TRAIN_DATA TOKENIZER TRAIN_NUM_SAMPLES MODEL LOSS ALPHA BETA SOFT_TEMPERATURE
-# SOFT_SOURCE DS_CONFIG GLOBAL_BATCH MICRO_BATCH GRAD_ACCUM STEPS WARMUP LR MIN_LR WD SAVE_EVERY
+# SOFTCLIP_ + DATA_ROOT TARGETS TRAIN_DATA TOKENIZER TRAIN_NUM_SAMPLES MODEL LOSS ALPHA BETA SOFT_TEMPERATURE
+# SOFT_SOURCE SOFT_IMAGE_SOURCE SOFT_TEXT_SOURCE DS_CONFIG GLOBAL_BATCH MICRO_BATCH GRAD_ACCUM STEPS WARMUP LR MIN_LR WD SAVE_EVERY
 # EVAL_EVERY LOG_EVERY ZEROSHOT_DATA IMAGENET_VAL RETRIEVAL_DATA WORKERS SEED REPORT_TO GRAD_CHECKPOINTING ZERO_INIT
 # RUNS_DIR OUTPUT_DIR EXTRA_ARGS, and the launcher's SOFTCLIP_ + REPO SETUP_CMD PYTHON SRUN_ARGS
 # SRUN_WAIT MAX_RESTARTS MASTER_PORT (see slurm/lib/launch.sh).
@@ -59,14 +65,16 @@ source "$SOFTCLIP_REPO/slurm/lib/launch.sh" 2>/dev/null || {
 launch_init
 
 SOFTCLIP_DATA_ROOT=${SOFTCLIP_DATA_ROOT:-/data}
-SOFTCLIP_TRAIN_DATA=${SOFTCLIP_TRAIN_DATA:-"$SOFTCLIP_DATA_ROOT/cc12m/{00000..01242}.tar"}
+SOFTCLIP_TARGETS=${SOFTCLIP_TARGETS:-image-features}  # or online: no precompute (README, "Recommended recipe")
+# image-features trains on the shards `python -m data.precompute_fine --image-encoder mobilenetv2` wrote
+# (the same pairs, byte for byte, plus fine_img members); so does a clip run, to keep the pair equal
+[[ $SOFTCLIP_TARGETS == image-features ]] && shard_dir=cc12m-mobilenetv2 || shard_dir=cc12m
+SOFTCLIP_TRAIN_DATA=${SOFTCLIP_TRAIN_DATA:-"$SOFTCLIP_DATA_ROOT/$shard_dir/{00000..01242}.tar"}
 SOFTCLIP_TOKENIZER=${SOFTCLIP_TOKENIZER:-$SOFTCLIP_DATA_ROOT/cc12m/tokenizer}
 SOFTCLIP_MODEL=${SOFTCLIP_MODEL:-ViT-L-14}
 SOFTCLIP_LOSS=${SOFTCLIP_LOSS:-softclip}
-SOFTCLIP_ALPHA=${SOFTCLIP_ALPHA:-0.2}
-SOFTCLIP_BETA=${SOFTCLIP_BETA:-0.0}   # the trainer's default (README, "Reproduction"); the paper's is 1.0
-SOFTCLIP_SOFT_TEMPERATURE=${SOFTCLIP_SOFT_TEMPERATURE:-0.1}
-SOFTCLIP_SOFT_SOURCE=${SOFTCLIP_SOFT_SOURCE:-both}
+# SOFTCLIP_ALPHA BETA SOFT_TEMPERATURE SOFT_SOURCE SOFT_IMAGE_SOURCE SOFT_TEXT_SOURCE: from the
+# SOFTCLIP_TARGETS preset unless set (slurm/lib/launch.sh soft_targets)
 SOFTCLIP_DS_CONFIG=${SOFTCLIP_DS_CONFIG:-ds_configs/zero3_bf16.json}
 SOFTCLIP_GLOBAL_BATCH=${SOFTCLIP_GLOBAL_BATCH:-32768}
 SOFTCLIP_MICRO_BATCH=${SOFTCLIP_MICRO_BATCH:-256}

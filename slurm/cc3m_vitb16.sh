@@ -5,8 +5,12 @@
 #   SOFTCLIP_LOSS=clip     sbatch slurm/cc3m_vitb16.sh
 #   SOFTCLIP_LOSS=softclip sbatch slurm/cc3m_vitb16.sh
 #
-# The two runs differ only in --loss and the SoftCLIP options (SOFTCLIP_ALPHA SOFTCLIP_BETA
-# SOFTCLIP_SOFT_TEMPERATURE SOFTCLIP_SOFT_SOURCE, passed for softclip only). Recipe: open_clip's
+# The two runs differ only in --loss and the SoftCLIP options (the SOFTCLIP_TARGETS preset, passed for
+# softclip only); both read the same shards. The default preset, image-features, needs the shards with
+# precomputed image regions, written once (README, "Recommended recipe"):
+#   python -m data.precompute_fine --data '/data/cc3m/{00000..00331}.tar' --out /data/cc3m-mobilenetv2/ \
+#       --text-encoder none --image-encoder mobilenetv2 --workers 12 [--device cuda]
+# SOFTCLIP_TARGETS=online needs none. Recipe: open_clip's
 # CC3M baseline (users report ~19% ImageNet zero-shot for RN50): global batch 1024, lr 1e-3, weight
 # decay 0.1, 30 epochs, warmup 10,000 steps as in open_clip's README example for it.
 #
@@ -42,14 +46,16 @@ launch_init
 
 SOFTCLIP_LOSS=${SOFTCLIP_LOSS:-softclip}
 SOFTCLIP_DATA_ROOT=${SOFTCLIP_DATA_ROOT:-/data}
-SOFTCLIP_TRAIN_DATA=${SOFTCLIP_TRAIN_DATA:-"$SOFTCLIP_DATA_ROOT/cc3m/{00000..00331}.tar"}
+SOFTCLIP_TARGETS=${SOFTCLIP_TARGETS:-image-features}  # or online: no precompute (README, "Recommended recipe")
+# image-features trains on the shards `python -m data.precompute_fine --image-encoder mobilenetv2` wrote
+# (the same pairs, byte for byte, plus fine_img members); so does a clip run, to keep the pair equal
+[[ $SOFTCLIP_TARGETS == image-features ]] && shard_dir=cc3m-mobilenetv2 || shard_dir=cc3m
+SOFTCLIP_TRAIN_DATA=${SOFTCLIP_TRAIN_DATA:-"$SOFTCLIP_DATA_ROOT/$shard_dir/{00000..00331}.tar"}
 SOFTCLIP_TRAIN_NUM_SAMPLES=${SOFTCLIP_TRAIN_NUM_SAMPLES:-2800000}
 SOFTCLIP_TOKENIZER=${SOFTCLIP_TOKENIZER:-$SOFTCLIP_DATA_ROOT/cc3m/tokenizer}
 SOFTCLIP_MODEL=${SOFTCLIP_MODEL:-ViT-B-16}
-SOFTCLIP_ALPHA=${SOFTCLIP_ALPHA:-0.2}
-SOFTCLIP_BETA=${SOFTCLIP_BETA:-0.0}   # the trainer's default (README, "Reproduction"); the paper's is 1.0
-SOFTCLIP_SOFT_TEMPERATURE=${SOFTCLIP_SOFT_TEMPERATURE:-0.1}
-SOFTCLIP_SOFT_SOURCE=${SOFTCLIP_SOFT_SOURCE:-both}
+# SOFTCLIP_ALPHA BETA SOFT_TEMPERATURE SOFT_SOURCE SOFT_IMAGE_SOURCE SOFT_TEXT_SOURCE: from the
+# SOFTCLIP_TARGETS preset unless set (slurm/lib/launch.sh soft_targets)
 SOFTCLIP_DS_CONFIG=${SOFTCLIP_DS_CONFIG:-ds_configs/zero3_bf16.json}
 SOFTCLIP_GLOBAL_BATCH=${SOFTCLIP_GLOBAL_BATCH:-1024}
 SOFTCLIP_MICRO_BATCH=${SOFTCLIP_MICRO_BATCH:-128}

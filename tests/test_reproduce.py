@@ -1,4 +1,4 @@
-"""bench/reproduce.py's bookkeeping: run names, metrics, selection on validation, resumability."""
+"""bench/reproduce.py's bookkeeping: run names, metrics, parallel pinned runs, resumability, the report."""
 import json
 import sys
 from pathlib import Path
@@ -11,10 +11,12 @@ import reproduce_features as F  # noqa: E402
 import reproduce_report as RR  # noqa: E402
 
 
-def fake_results(val_top1, test_top1, r1=0.1, r5=0.3, steps=10):
+def fake_results(val_top1, test_top1, r1=0.1, r5=0.3, steps=10, category=None):
     final = {"step": steps}
     for split, top1 in (("val", val_top1), ("test", test_top1)):
         final[f"fmnist-{split}/top1"] = top1
+        if category is not None:
+            final[f"emoji-category-{split}/top1"] = category
         final[f"emoji-{split}/image_to_text_R@1"], final[f"emoji-{split}/text_to_image_R@1"] = r1, r1 + 0.1
         final[f"emoji-{split}/image_to_text_R@5"], final[f"emoji-{split}/text_to_image_R@5"] = r5, r5 + 0.1
     return {"final": final, "steps": steps}
@@ -33,27 +35,22 @@ def test_run_names_are_unique_ascii_and_flags_round_trip():
 def test_metrics_average_both_retrieval_directions():
     m = R.metrics(fake_results(0.5, 0.6, r1=0.2, r5=0.4), "test")
     assert m == pytest.approx({"top1": 0.6, "R@1": 0.25, "R@5": 0.45})
+    assert R.metrics(fake_results(0.5, 0.6, category=0.3), "val")["category"] == 0.3
     assert RR.mean_std([0.5]) == "50.0" and RR.mean_std([0.4, 0.6]) == "50.0 ± 14.1"
     assert RR.mean_std([0.01, 0.03], signed=True) == "+2.0 ± 1.4" and RR.mean_std([-0.05], signed=True) == "-5.0"
 
 
-def test_selection_uses_validation_never_test_and_skips_extra_data_settings():
-    a, b, minilm = R.soft("a"), R.soft("b", beta=0.0), R.soft("m", R.PRETRAINED, soft_source="text")
-    mnv2 = R.image_targets("i", R.PRETRAINED)
-    control = R.image_targets("c", R.TRUE_CLASS)
-    ablation = {"a": [fake_results(0.70, 0.10)],           # best on val, worst on test
-                "b": [fake_results(0.50, 0.90)],
-                "m": [fake_results(0.80, 0.99)],           # needs precomputed shards: not a default
-                "i": [fake_results(0.90, 0.20)],
-                "c": [fake_results(0.99, 0.99)]}           # reads labels: never a recipe
-    settings = [a, b, minilm, mnv2, control]
-    assert R.select(settings, ablation) is a
-    assert R.select(settings, ablation, R.PRETRAINED) is mnv2
-    assert R.select(settings, ablation, R.TRUE_CLASS) is control
-    assert R.select([minilm], ablation) is None
+def test_headline_is_the_label_free_recipe_and_the_control_and_both_need_features():
+    (recipe, _), (control, why) = R.HEADLINE
+    assert recipe is R.MOBILENET_B1 and recipe.features == R.PRETRAINED
+    assert recipe.flags["soft_source"] == "image" and recipe.flags["soft_image_source"] == "precomputed"
+    assert control is R.CONTROL_B1 and control.features == R.TRUE_CLASS and "control" in why
+    assert R.ONLINE[0].features is None and R.ONLINE[0].flags["beta"] == 0.0   # zero setup: no feature shards
+    assert R.PLANS["default"].seeds >= 5 and R.PLANS["default"].noises == (0.2, 0.4)
+    assert 1 <= R.PLANS["default"].control_seeds <= R.PLANS["default"].seeds
 
 
-def test_issue_15_rows_are_in_the_sweep():
+def test_issue_15_rows_are_in_the_ablation():
     rows = {s.name: s for s in R.ABLATION}
     mobilenet = [s for s in R.ABLATION if s.features == R.PRETRAINED and s.flags.get("soft_image_source") == "precomputed"
                  and s.flags["soft_source"] == "image"]
@@ -63,7 +60,6 @@ def test_issue_15_rows_are_in_the_sweep():
     controls = [s for s in R.ABLATION if s.features == R.TRUE_CLASS]
     assert {s.flags["beta"] for s in controls} == {0.0, 1.0} and all("control" in s.name for s in controls)
     assert "--soft-image-source" in controls[0].argv() and R.MOBILENET_B1.name in rows
-    assert R.CONTROL_B1 in R.QUICK_ABLATION and R.MOBILENET_B1 in R.QUICK_ABLATION
 
 
 def test_interval_is_students_t():
@@ -108,19 +104,88 @@ def test_finished_needs_the_final_evaluation(tmp_path):
 def test_report_has_every_comparison_with_its_interval(tmp_path):
     from types import SimpleNamespace
     plan = R.PLANS["default"]
-    clip = {s: fake_results(0.5, 0.20 + 0.01 * s) for s in range(3)}
-    soft = {s: fake_results(0.5, 0.22 + 0.01 * s + 0.01 * (s == 2)) for s in range(3)}   # +2, +2, +3 points
+    clip = {s: fake_results(0.5, 0.20 + 0.01 * s, category=0.30) for s in range(3)}
+    soft = {s: fake_results(0.5, 0.22 + 0.01 * s + 0.01 * (s == 2), category=0.25) for s in range(3)}  # +2, +2, +3
     runs = {("clip", 0.4): clip, ("softclip", 0.4): soft}
-    tables = [("CLIP vs SoftCLIP (x) — online", R.ABLATION[1], runs),
-              ("CLIP vs SoftCLIP (y) — label-free", R.MOBILENET_B1, runs)]
+    tables = [("CLIP vs SoftCLIP (x) — label-free", R.MOBILENET_B1, runs),
+              ("CLIP vs SoftCLIP (y) — control", R.CONTROL_B1, runs)]
     args = SimpleNamespace(quick=False, report=True, model="tiny-test", lr=3e-3, deepspeed_config="x.json")
-    RR.write_report(tmp_path, plan, args, R.CLIP, 0.2, {"CLIP": [fake_results(0.5, 0.5)]},
-                    [R.metrics(fake_results(0.5, 0.5), "val")], None, tables, 0.0, tmp_path)
+    ablation = {"CLIP": [fake_results(0.5, 0.5)], R.ONLINE_B0.name: [fake_results(0.45, 0.5)]}
+    RR.write_report(tmp_path, plan, args, R.CLIP, 0.2, ablation, R.ABLATION, tables, 0.0, tmp_path)
     md = (tmp_path / "reproduce.md").read_text()
     assert md.count("| 40% | FMNIST top-1 | 21.0 ± 1.0 | 23.3 ± 1.5 | +2.3 ± 0.6 | [+0.9, +3.8] | 3 |") == 2
+    assert md.count("| 40% | emoji-category top-1 | 30.0 ± 0.0 | 25.0 ± 0.0 | -5.0 ± 0.0 | [-5.0, -5.0] | 3 |") == 2
+    assert f"| {R.ONLINE_B0.name} |" in md and "| -5.0 |" in md   # the ablation row, against CLIP's val top-1
     dump = json.loads((tmp_path / "reproduce.json").read_text())
-    assert [c["name"] for c in dump["comparisons"]] == [R.ABLATION[1].name, R.MOBILENET_B1.name]
+    assert [c["name"] for c in dump["comparisons"]] == [R.MOBILENET_B1.name, R.CONTROL_B1.name]
     assert (tmp_path / "reproduce.png").is_file()
+
+
+def fake_trainer(body: str) -> list[str]:
+    """A stand-in for pretrain/main.py in run_all's tests: the same contract (a run directory with
+    results.json holding the final evaluation), any behaviour."""
+    return [sys.executable, "-c", body]
+
+
+def test_parallel_runs_are_pinned_to_disjoint_cores_and_resume(tmp_path, monkeypatch):
+    import os
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("needs 2 CPU cores")
+    body = ("import json, os, sys, time; run = sys.argv[1]; os.makedirs(run); time.sleep(1.5); "
+            "json.dump({'steps': 1, 'final': {'step': 1}, 'cpus': sorted(os.sched_getaffinity(0)), "
+            "'t': time.time()}, open(os.path.join(run, 'results.json'), 'w'))")
+    jobs = [(tmp_path / f"r{i}", fake_trainer(body) + [str(tmp_path / f"r{i}")]) for i in range(4)]
+    started = []
+    results = R.run_all(jobs, 2, False, started.append)
+    assert started == ["r0", "r1", "r2", "r3"] and set(results) == {run for run, _ in jobs}
+    cpus = [results[run]["cpus"] for run, _ in jobs]
+    assert all(len(c) == len(cores) // 2 for c in cpus) and not set(cpus[0]) & set(cpus[1])
+    assert abs(results[jobs[0][0]]["t"] - results[jobs[1][0]]["t"]) < 1.0  # side by side, not one after the other
+    assert os.sched_getaffinity(0) == set(cores)                              # the sweep's own affinity restored
+    started.clear()
+    assert R.run_all(jobs, 2, False, started.append) == results and started == []   # finished: never re-run
+    changed = [(jobs[0][0], jobs[0][1] + ["--other-flag"])]
+    R.run_all(changed, 1, False, started.append)                                    # other command: re-run
+    assert started == ["r0"]
+    with pytest.raises(SystemExit, match=r"--parallel 3 must lie in \[1, "):
+        R.cpu_slots(len(cores) + 1, False)
+
+
+def test_a_failed_run_stops_the_sweep_and_ends_the_others_promptly(tmp_path):
+    import time
+    slow = fake_trainer("import time; time.sleep(60)")
+    fail = fake_trainer("import sys; sys.exit(7)")
+    t = time.monotonic()
+    with pytest.raises(SystemExit, match=r"run bad failed with exit code 7; its output is in .*bad\.out"):
+        R.run_all([(tmp_path / "slow", slow), (tmp_path / "bad", fail)], 2, True, lambda name: None)
+    assert time.monotonic() - t < 30   # the 60 s run was terminated, not waited for
+
+
+def test_a_stopped_sweep_kills_its_runs_instead_of_orphaning_them(tmp_path):
+    """SIGTERM to the sweep (kill, a scheduler) must end the runs it started: left alone they would
+    keep training into run directories that the next sweep deletes and restarts."""
+    import os
+    import signal
+    import subprocess
+    import time
+    pid_file = tmp_path / "run.pid"
+    sweep = subprocess.Popen([sys.executable, "-c", f"""
+import sys; sys.path.insert(0, {str(Path(R.__file__).parent)!r})
+import reproduce as R
+body = "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+with R.stop_on_signals():
+    R.run_all([(R.Path({str(tmp_path / 'run')!r}), [sys.executable, "-c", body])], 1, True, print)
+"""])
+    deadline = time.monotonic() + 60
+    while not pid_file.is_file() or not pid_file.read_text():
+        assert sweep.poll() is None and time.monotonic() < deadline, "the fake run never started"
+        time.sleep(0.1)
+    run_pid = int(pid_file.read_text())
+    sweep.send_signal(signal.SIGTERM)
+    assert sweep.wait(timeout=30) == 1                      # SystemExit with the message: status 1
+    with pytest.raises(ProcessLookupError):                  # the run is gone (reaped by the sweep)
+        os.kill(run_pid, 0)
 
 
 def test_feature_builds_run_precompute_once_and_carry_the_members(tmp_path):
@@ -149,21 +214,18 @@ def test_feature_builds_run_precompute_once_and_carry_the_members(tmp_path):
         F.feature_build("labels", tmp_path / "noise40", pattern, tmp_path)
 
 
-def test_report_mode_wires_selection_into_the_three_comparisons_and_builds_nothing(tmp_path):
+def test_report_mode_pairs_every_comparison_by_seed_and_builds_nothing(tmp_path):
     plan = R.PLANS["quick"]
     runs = tmp_path / "runs"
-    val = {R.CLIP.name: 0.30, R.QUICK_ABLATION[0].name: 0.20, R.QUICK_ABLATION[1].name: 0.25,
-           R.MOBILENET_B1.name: 0.35, R.CONTROL_B1.name: 0.45}
-    for setting in [R.CLIP, *plan.ablation]:
-        for noise in {R.ABLATION_NOISE, *plan.noises}:
-            run = runs / R.run_name(setting, noise, 0, plan)
-            run.mkdir(parents=True)
-            (run / "results.json").write_text(json.dumps(fake_results(val[setting.name], val[setting.name] - 0.1,
-                                                                      steps=plan.steps)))
-    assert R.main(["--quick", "--report", "--runs", str(runs), "--out", str(tmp_path / "out")]) == 0
+    test_top1 = {R.CLIP.name: 0.30, R.MOBILENET_B1.name: 0.33, R.CONTROL_B1.name: 0.40, R.ONLINE_B0.name: 0.28}
+    for setting in (R.CLIP, R.MOBILENET_B1, R.CONTROL_B1, R.ONLINE_B0):
+        run = runs / R.run_name(setting, 0.4, 0, plan)
+        run.mkdir(parents=True)
+        (run / "results.json").write_text(json.dumps(fake_results(0.5, test_top1[setting.name], steps=plan.steps)))
+    assert R.main(["--quick", "--online", "--report", "--runs", str(runs), "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "reproduce.md").read_text()
-    assert f"CLIP vs SoftCLIP ({R.QUICK_ABLATION[1].name}) — with online targets" in md   # beta 0 beats the paper
-    assert f"CLIP vs SoftCLIP ({R.MOBILENET_B1.name}) — with label-free precomputed" in md
-    assert f"CLIP vs SoftCLIP ({R.CONTROL_B1.name}) — the positive control" in md
-    assert md.count("| 40% | FMNIST top-1 | 20.0 |") == 3
+    for setting, _ in [*R.HEADLINE, R.ONLINE]:
+        assert f"CLIP vs SoftCLIP ({setting.name}) — " in md
+    for soft_top1, diff in (("33.0", "+3.0"), ("40.0", "+10.0"), ("28.0", "-2.0")):
+        assert f"| 40% | FMNIST top-1 | 30.0 | {soft_top1} | {diff} | - | 1 |" in md
     assert not (runs / "data").exists()   # --report built no data set and precomputed nothing

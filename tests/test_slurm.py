@@ -71,7 +71,8 @@ def tiny_env():
     (REPO / "logs").mkdir(exist_ok=True)  # Slurm opens logs/%x-%j.out before the script runs
     return softclip_env(MODEL="tiny-test", DS_CONFIG="ds_configs/cpu.json", TRAIN_DATA=str(EMBEDDED / "shards" / pattern),
                         TOKENIZER=str(EMBEDDED / "tokenizer"), GLOBAL_BATCH="16", MICRO_BATCH="8", WARMUP="2",
-                        LR="1e-3", LOG_EVERY="1", GRAD_CHECKPOINTING="0", SAVE_EVERY="0", EVAL_EVERY="0")
+                        LR="1e-3", LOG_EVERY="1", GRAD_CHECKPOINTING="0", SAVE_EVERY="0", EVAL_EVERY="0",
+                        TARGETS="online")  # the embedded shards carry no precomputed regions
 
 
 def softclip_env(**knobs: str) -> dict:
@@ -244,6 +245,44 @@ def test_eval_script_evaluates_an_ema_run_on_another_world_size(cluster, ema_run
     job_log(job, "eval").unlink()
 
 
+@pytest.fixture(scope="module")
+def region_shards(embedded, tmp_path_factory) -> Path:
+    """2 shards of 64 embedded training pairs, each with a random 4-region fine_img member, plus
+    fine.json: what `python -m data.precompute_fine --image-encoder mobilenetv2` writes, in small."""
+    import tarfile
+    import numpy as np
+    from data.write_shards import ShardWriter
+    out = tmp_path_factory.mktemp("region_shards")
+    rng = np.random.default_rng(0)
+    samples: dict[str, dict] = {}
+    with tarfile.open(sorted((embedded / "shards").glob("train-*.tar"))[0]) as tar:
+        for m in tar:
+            key, ext = m.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    with ShardWriter(out, shard_size=64) as writer:
+        for key in sorted(samples)[:128]:
+            regions = rng.standard_normal((4, 32)).astype(np.float16)
+            writer.write({"__key__": key, **samples[key], "fine_img.npy": regions})
+    (out / "fine.json").write_text(json.dumps({"fine_img": {"tokens": 4, "dim": 32, "source": "test"}}))
+    return out
+
+
+def test_the_default_targets_are_the_precomputed_image_recipe(cluster, tiny_env, region_shards, tmp_path):
+    """Issue 15: the scripts' default SOFTCLIP_TARGETS (image-features) trains SoftCLIP on precomputed
+    image regions with the recipe's options; a caller's own SOFTCLIP_BETA still wins over the preset."""
+    env = {k: v for k, v in tiny_env.items() if k != "SOFTCLIP_TARGETS"}
+    env.update(softclip_env(STEPS="4", RUNS_DIR=str(tmp_path), TRAIN_DATA=f"{region_shards}/", BETA="0.5"))
+    job = submit(cluster, env, script="slurm/cc3m_vitb16.sh")
+    info = cluster.wait(job, TIMEOUT)
+    log = job_log(job, "cc3m-vitb16").read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{brief(info)}\n{tail(log)}"
+    cfg = json.loads((tmp_path / f"cc3m-vitb16-softclip-{job}" / "config.json").read_text())
+    assert (cfg["alpha"], cfg["beta"], cfg["soft_source"]) == (0.5, 0.5, "image")
+    assert (cfg["soft_image_source"], cfg["soft_text_source"]) == ("precomputed", "online")
+    assert "soft-target features: image precomputed" in log, tail(log)
+    job_log(job, "cc3m-vitb16").unlink()
+
+
 @pytest.mark.parametrize("script, override, message", [
     (SCRIPT, dict(TRAIN_DATA="/nonexistent/cc12m/{00000..00003}.tar"),
      "error: SOFTCLIP_TRAIN_DATA=/nonexistent/cc12m/{00000..00003}.tar: 4 of 4 shards not found, "
@@ -252,7 +291,12 @@ def test_eval_script_evaluates_an_ema_run_on_another_world_size(cluster, ema_run
      "error: batch arithmetic does not divide: SOFTCLIP_GLOBAL_BATCH=24 is not a multiple of "
      "SOFTCLIP_MICRO_BATCH=8 x 2 ranks (1 nodes x 2 per node) = 16."),
     ("slurm/cc3m_vitb16.sh", dict(LOSS="infonce"), "error: SOFTCLIP_LOSS=infonce: choose clip or softclip."),
-], ids=["missing-data", "batch-does-not-divide", "cc3m-unknown-loss"])
+    (SCRIPT, dict(TARGETS="labels"), "error: SOFTCLIP_TARGETS=labels: choose image-features (precomputed image "
+                                     "regions, the recommended recipe) or online (no extra data)."),
+    ("slurm/cc3m_vitb16.sh", dict(TARGETS="image-features"),   # the embedded shards have no fine.json
+     "error: SOFTCLIP_TARGETS=image-features: --soft-image-source precomputed needs fine_img.npy members in the "
+     "training shards, but there is no fine.json beside "),
+], ids=["missing-data", "batch-does-not-divide", "cc3m-unknown-loss", "unknown-targets", "no-precomputed-regions"])
 def test_bad_setup_fails_fast_with_one_clear_message(cluster, tiny_env, tmp_path, script, override, message):
     job = submit(cluster, dict(tiny_env, **softclip_env(STEPS="4", RUNS_DIR=str(tmp_path), **override)), script=script)
     info = cluster.wait(job, 60)

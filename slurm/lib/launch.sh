@@ -96,6 +96,40 @@ check_eval_data() {  # NAME VALUE: the trainer's own check (pretrain/validate.py
     fi
 }
 
+# SoftCLIP's targets: SOFTCLIP_TARGETS picks a preset of the soft options (README, "Recommended
+# recipe"); a SOFTCLIP_ALPHA, _BETA, _SOFT_SOURCE, _SOFT_TEMPERATURE, _SOFT_IMAGE_SOURCE or
+# _SOFT_TEXT_SOURCE the caller sets still wins over the preset.
+#   image-features  targets from precomputed image regions (`python -m data.precompute_fine
+#                   --image-encoder mobilenetv2`, or a detector's ROIs with --detector-features):
+#                   alpha 0.5, beta 1, source image. SOFTCLIP_TRAIN_DATA must be the shards it wrote.
+#   online          the model's own token features, no extra data (the zero-setup fallback):
+#                   alpha 0.2, beta 0, source both.
+soft_targets() {
+    case ${SOFTCLIP_TARGETS:-} in
+        image-features) : "${SOFTCLIP_ALPHA:=0.5}" "${SOFTCLIP_BETA:=1.0}" "${SOFTCLIP_SOFT_SOURCE:=image}" "${SOFTCLIP_SOFT_IMAGE_SOURCE:=precomputed}" ;;
+        online) : "${SOFTCLIP_ALPHA:=0.2}" "${SOFTCLIP_BETA:=0.0}" "${SOFTCLIP_SOFT_SOURCE:=both}" ;;
+        *) die "SOFTCLIP_TARGETS=${SOFTCLIP_TARGETS:-}: choose image-features (precomputed image regions, the recommended recipe) or online (no extra data)." ;;
+    esac
+    : "${SOFTCLIP_SOFT_TEMPERATURE:=0.1}" "${SOFTCLIP_SOFT_IMAGE_SOURCE:=online}" "${SOFTCLIP_SOFT_TEXT_SOURCE:=online}"
+}
+
+# A precomputed source needs its members beside the training shards: the trainer's own check
+# (pretrain/validate.py check_fine_members), before any rank starts, with the fix in Slurm terms.
+check_fine_data() {
+    local msg
+    msg=$("$SOFTCLIP_PYTHON" - "$SOFTCLIP_SOFT_SOURCE" "$SOFTCLIP_SOFT_IMAGE_SOURCE" "$SOFTCLIP_SOFT_TEXT_SOURCE" "$SOFTCLIP_TRAIN_DATA" <<'EOF'
+import sys
+from pretrain.validate import check_fine_members
+problems = []
+source, image, text, data = sys.argv[1:]
+check_fine_members(dict(loss="softclip", soft_source=source, soft_image_source=image, soft_text_source=text,
+                        train_data=data), problems)
+print("; ".join(p.split("; write them with")[0] for p in problems))
+EOF
+    ) || die "SOFTCLIP_TRAIN_DATA=$SOFTCLIP_TRAIN_DATA: could not check its precomputed features with $SOFTCLIP_PYTHON (is the environment set up?)."
+    [[ -z $msg ]] || die "SOFTCLIP_TARGETS=$SOFTCLIP_TARGETS: $msg. Write them with \`python -m data.precompute_fine --data SHARDS --out NEW --text-encoder none --image-encoder mobilenetv2\` and set SOFTCLIP_TRAIN_DATA to NEW's shards, or set SOFTCLIP_TARGETS=online (no extra data)."
+}
+
 # ---------------------------------------------------------------------------- ranks and batch
 # Sets NNODES, TASKS_PER_NODE, WORLD from the allocation (what srun will start).
 world_layout() {
@@ -221,7 +255,8 @@ trainer_args() {
     [[ ${SOFTCLIP_ZERO_INIT:-0} == 1 ]] && TRAINER_ARGS+=(--zero-init)
     case $SOFTCLIP_LOSS in
         softclip) TRAINER_ARGS+=(--alpha "$SOFTCLIP_ALPHA" --beta "$SOFTCLIP_BETA" --soft-temperature "$SOFTCLIP_SOFT_TEMPERATURE"
-                                 --soft-source "$SOFTCLIP_SOFT_SOURCE") ;;
+                                 --soft-source "$SOFTCLIP_SOFT_SOURCE" --soft-image-source "$SOFTCLIP_SOFT_IMAGE_SOURCE"
+                                 --soft-text-source "$SOFTCLIP_SOFT_TEXT_SOURCE") ;;
         clip) ;;
         *) die "SOFTCLIP_LOSS=$SOFTCLIP_LOSS: choose clip or softclip." ;;
     esac
@@ -238,6 +273,10 @@ launch_training() {
     check_dir SOFTCLIP_TOKENIZER "$SOFTCLIP_TOKENIZER" "train one with data.tokenizer.train_tokenizer or use data/embedded/tokenizer"
     check_eval_data SOFTCLIP_ZEROSHOT_DATA "$SOFTCLIP_ZEROSHOT_DATA"
     check_eval_data SOFTCLIP_RETRIEVAL_DATA "$SOFTCLIP_RETRIEVAL_DATA"
+    if [[ $SOFTCLIP_LOSS == softclip ]]; then
+        soft_targets
+        check_fine_data
+    fi
     world_layout
     batch_split
     if [[ -z ${SOFTCLIP_WORKERS:-} ]]; then  # data loader processes per rank: the task's CPUs minus the rank itself
