@@ -155,29 +155,38 @@ def check_target_sources(raw: dict, explicit: dict, problems: list[str]) -> None
                         f"--soft-image-source ema / --soft-text-source ema.")
 
 
-def check_fine_members(raw: dict, problems: list[str]) -> None:
-    """A precomputed source needs its member described in fine.json beside the training shards."""
+def missing_fine_members(raw: dict) -> list[tuple[str | None, str]]:
+    """What a precomputed source lacks beside the training shards: (modality, sentence) pairs, the
+    modality None when fine.json cannot be read at all. No fix in the sentence: the trainer's check
+    (below) and slurm/lib/launch.sh each name the fix in their own terms (flags, SOFTCLIP_*)."""
     from data.fine import read_fine_meta
     from pretrain.config import FINE_MEMBER
     used = {"both": ("image", "text")}.get(raw["soft_source"], (raw["soft_source"],))
     wanted = [m for m in used if raw[f"soft_{m}_source"] == "precomputed"]
     if not wanted or raw["loss"] != "softclip":
-        return
+        return []
     urls = [u for u in expand_shards(raw["train_data"]) if not _is_remote(u)]
     try:
         meta = read_fine_meta(urls)
     except (ValueError, OSError, KeyError) as e:
-        problems.append(f"--train-data: cannot read fine.json beside the shards ({e}).")
-        return
+        return [(None, f"--train-data: cannot read fine.json beside the shards ({e})")]
+    missing = []
     for m in wanted:
         member = FINE_MEMBER[m]
         if member not in meta:
             found = (f"the fine.json beside them lists only {', '.join(sorted(meta))}" if meta else
                      f"there is no fine.json beside {raw['train_data']}")
-            problems.append(f"--soft-{m}-source precomputed needs {member}.npy members in the training shards, "
-                            f"but {found}; write them with "
-                            f"`python -m data.precompute_fine --data ... --out NEW` and train on NEW, or use "
-                            f"--soft-{m}-source online|ema.")
+            missing.append((m, f"--soft-{m}-source precomputed needs {member}.npy members in the training "
+                               f"shards, but {found}"))
+    return missing
+
+
+def check_fine_members(raw: dict, problems: list[str]) -> None:
+    """A precomputed source needs its member described in fine.json beside the training shards."""
+    for m, problem in missing_fine_members(raw):
+        problems.append(f"{problem}." if m is None else
+                        f"{problem}; write them with `python -m data.precompute_fine --data ... --out NEW` and "
+                        f"train on NEW, or use --soft-{m}-source online|ema.")
 
 
 def expand_shards(spec: str) -> list[str]:

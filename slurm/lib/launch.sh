@@ -114,17 +114,15 @@ soft_targets() {
 }
 
 # A precomputed source needs its members beside the training shards: the trainer's own check
-# (pretrain/validate.py check_fine_members), before any rank starts, with the fix in Slurm terms.
+# (pretrain/validate.py missing_fine_members), before any rank starts, with the fix in Slurm terms.
 check_fine_data() {
     local msg
     msg=$("$SOFTCLIP_PYTHON" - "$SOFTCLIP_SOFT_SOURCE" "$SOFTCLIP_SOFT_IMAGE_SOURCE" "$SOFTCLIP_SOFT_TEXT_SOURCE" "$SOFTCLIP_TRAIN_DATA" <<'EOF'
 import sys
-from pretrain.validate import check_fine_members
-problems = []
+from pretrain.validate import missing_fine_members
 source, image, text, data = sys.argv[1:]
-check_fine_members(dict(loss="softclip", soft_source=source, soft_image_source=image, soft_text_source=text,
-                        train_data=data), problems)
-print("; ".join(p.split("; write them with")[0] for p in problems))
+print("; ".join(problem for _, problem in missing_fine_members(dict(
+    loss="softclip", soft_source=source, soft_image_source=image, soft_text_source=text, train_data=data))))
 EOF
     ) || die "SOFTCLIP_TRAIN_DATA=$SOFTCLIP_TRAIN_DATA: could not check its precomputed features with $SOFTCLIP_PYTHON (is the environment set up?)."
     [[ -z $msg ]] || die "SOFTCLIP_TARGETS=$SOFTCLIP_TARGETS: $msg. Write them with \`python -m data.precompute_fine --data SHARDS --out NEW --text-encoder none --image-encoder mobilenetv2\` and set SOFTCLIP_TRAIN_DATA to NEW's shards, or set SOFTCLIP_TARGETS=online (no extra data)."
