@@ -33,9 +33,9 @@ def test_run_names_are_unique_ascii_and_flags_round_trip():
 
 
 def test_metrics_average_both_retrieval_directions():
-    m = R.metrics(fake_results(0.5, 0.6, r1=0.2, r5=0.4), "test")
+    m = RR.metrics(fake_results(0.5, 0.6, r1=0.2, r5=0.4), "test")
     assert m == pytest.approx({"top1": 0.6, "R@1": 0.25, "R@5": 0.45})
-    assert R.metrics(fake_results(0.5, 0.6, category=0.3), "val")["category"] == 0.3
+    assert RR.metrics(fake_results(0.5, 0.6, category=0.3), "val")["category"] == 0.3
     assert RR.mean_std([0.5]) == "50.0" and RR.mean_std([0.4, 0.6]) == "50.0 ± 14.1"
     assert RR.mean_std([0.01, 0.03], signed=True) == "+2.0 ± 1.4" and RR.mean_std([-0.05], signed=True) == "-5.0"
 
@@ -127,21 +127,22 @@ def fake_trainer(body: str) -> list[str]:
     return [sys.executable, "-c", body]
 
 
-def test_parallel_runs_are_pinned_to_disjoint_cores_and_resume(tmp_path, monkeypatch):
+def test_parallel_runs_are_pinned_to_disjoint_cores_and_resume(tmp_path):
     import os
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         pytest.skip("needs 2 CPU cores")
-    body = ("import json, os, sys, time; run = sys.argv[1]; os.makedirs(run); time.sleep(1.5); "
+    body = ("import json, os, sys, time; run = sys.argv[1]; start = time.time(); os.makedirs(run); time.sleep(1.5); "
             "json.dump({'steps': 1, 'final': {'step': 1}, 'cpus': sorted(os.sched_getaffinity(0)), "
-            "'t': time.time()}, open(os.path.join(run, 'results.json'), 'w'))")
+            "'start': start, 'end': time.time()}, open(os.path.join(run, 'results.json'), 'w'))")
     jobs = [(tmp_path / f"r{i}", fake_trainer(body) + [str(tmp_path / f"r{i}")]) for i in range(4)]
     started = []
     results = R.run_all(jobs, 2, False, started.append)
     assert started == ["r0", "r1", "r2", "r3"] and set(results) == {run for run, _ in jobs}
     cpus = [results[run]["cpus"] for run, _ in jobs]
     assert all(len(c) == len(cores) // 2 for c in cpus) and not set(cpus[0]) & set(cpus[1])
-    assert abs(results[jobs[0][0]]["t"] - results[jobs[1][0]]["t"]) < 1.0  # side by side, not one after the other
+    first, second = results[jobs[0][0]], results[jobs[1][0]]
+    assert second["start"] < first["end"] and first["start"] < second["end"]  # side by side: their runs overlap
     assert os.sched_getaffinity(0) == set(cores)                              # the sweep's own affinity restored
     started.clear()
     assert R.run_all(jobs, 2, False, started.append) == results and started == []   # finished: never re-run

@@ -21,7 +21,7 @@ import pytest
 
 from tests.slurm_cluster import LocalSlurm, SlurmUnavailable, ensure_installed
 from tests.test_evaluate_cli import EMA_STEPS, ema_run  # noqa: F401  (a 2-rank run with an EMA teacher)
-from tests.test_train_support import embedded  # noqa: F401
+from tests.test_train_support import embedded, write_fine_shards  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDED = REPO / "data" / "embedded"
@@ -249,22 +249,10 @@ def test_eval_script_evaluates_an_ema_run_on_another_world_size(cluster, ema_run
 def region_shards(embedded, tmp_path_factory) -> Path:
     """2 shards of 64 embedded training pairs, each with a random 4-region fine_img member, plus
     fine.json: what `python -m data.precompute_fine --image-encoder mobilenetv2` writes, in small."""
-    import tarfile
     import numpy as np
-    from data.write_shards import ShardWriter
-    out = tmp_path_factory.mktemp("region_shards")
     rng = np.random.default_rng(0)
-    samples: dict[str, dict] = {}
-    with tarfile.open(sorted((embedded / "shards").glob("train-*.tar"))[0]) as tar:
-        for m in tar:
-            key, ext = m.name.split(".", 1)
-            samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    with ShardWriter(out, shard_size=64) as writer:
-        for key in sorted(samples)[:128]:
-            regions = rng.standard_normal((4, 32)).astype(np.float16)
-            writer.write({"__key__": key, **samples[key], "fine_img.npy": regions})
-    (out / "fine.json").write_text(json.dumps({"fine_img": {"tokens": 4, "dim": 32, "source": "test"}}))
-    return out
+    return write_fine_shards(embedded, tmp_path_factory.mktemp("region_shards"), "fine_img", tokens=4,
+                             rows=lambda: rng.standard_normal((4, 32)).astype(np.float16))
 
 
 def test_the_default_targets_are_the_precomputed_image_recipe(cluster, tiny_env, region_shards, tmp_path):

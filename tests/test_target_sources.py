@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,8 @@ if __package__ in (None, ""):  # run as a worker script by the 2-rank tests belo
 
 from pretrain import checkpoint
 from pretrain.dist import DistEnv
-from tests.test_train_support import REPO, embedded, free_port, launch, records, wait  # noqa: F401
+from tests.test_train_support import (REPO, embedded, free_port, launch, records, wait,  # noqa: F401
+                                     write_fine_shards)
 
 FINE_DIM, FINE_TOKENS = 12, 5
 
@@ -53,23 +53,12 @@ def _fine(b: int, seed: int):
 
 @pytest.fixture(scope="module")
 def fine_shards(embedded, tmp_path_factory) -> Path:
-    """2 shards of the embedded training pairs, each with a random fine_txt member, plus fine.json."""
-    from data.write_shards import ShardWriter
-    out = tmp_path_factory.mktemp("fine_shards")
+    """2 shards of the embedded training pairs, each with a random fine_txt member of 1 to
+    FINE_TOKENS + 2 rows (more than fine.json declares: the loader truncates), plus fine.json."""
     rng = np.random.default_rng(0)
-    src = sorted((embedded / "shards").glob("train-*.tar"))[0]
-    samples: dict[str, dict] = {}
-    with tarfile.open(src) as tar:
-        for m in tar:
-            key, ext = m.name.split(".", 1)
-            samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    with ShardWriter(out, shard_size=64) as writer:
-        for key in sorted(samples)[:128]:
-            fine = rng.standard_normal((int(rng.integers(1, FINE_TOKENS + 3)), FINE_DIM)).astype(np.float16)
-            writer.write({"__key__": key, **samples[key], "fine_txt.npy": fine})
-    meta = {"fine_txt": {"tokens": FINE_TOKENS, "dim": FINE_DIM, "source": "test"}}
-    (out / "fine.json").write_text(json.dumps(meta))
-    return out
+    return write_fine_shards(embedded, tmp_path_factory.mktemp("fine_shards"), "fine_txt", tokens=FINE_TOKENS,
+                             rows=lambda: rng.standard_normal((int(rng.integers(1, FINE_TOKENS + 3)), FINE_DIM))
+                             .astype(np.float16))
 
 
 def _args(embedded: Path, data: str, run: Path, *extra: str) -> list[str]:

@@ -44,6 +44,28 @@ def embedded(tmp_path_factory) -> Path:
     return _cached(tmp_path_factory, "embedded", "shards/manifest.json", build)
 
 
+def write_fine_shards(embedded: Path, out: Path, member: str, rows, tokens: int, samples: int = 128,
+                      shard_size: int = 64) -> Path:
+    """The first `samples` embedded training pairs as shards in `out` with one precomputed member
+    (`fine_img` or `fine_txt`; `rows()` gives each sample's [n, dim] float16 array) and the fine.json
+    beside them declaring `tokens` per sample: what `python -m data.precompute_fine` writes, in small."""
+    import tarfile
+    from data.write_shards import ShardWriter
+    pairs: dict[str, dict] = {}
+    with tarfile.open(sorted((embedded / "shards").glob("train-*.tar"))[0]) as tar:
+        for m in tar:
+            key, ext = m.name.split(".", 1)
+            pairs.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    dim = 0
+    with ShardWriter(out, shard_size=shard_size) as writer:
+        for key in sorted(pairs)[:samples]:
+            fine = rows()
+            dim = fine.shape[1]
+            writer.write({"__key__": key, **pairs[key], f"{member}.npy": fine})
+    (out / "fine.json").write_text(json.dumps({member: {"tokens": tokens, "dim": dim, "source": "test"}}))
+    return out
+
+
 def train_args(embedded: Path, run_dir: Path, *extra: str) -> list[str]:
     return ["--model", "tiny-test", "--train-data", f"embedded:{embedded}/shards",
             "--tokenizer", str(embedded / "tokenizer"), "--output-dir", str(run_dir),
