@@ -1,5 +1,6 @@
 """bench/reproduce.py's bookkeeping: run names, metrics, parallel pinned runs, resumability, the report."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -40,8 +41,8 @@ def test_metrics_average_both_retrieval_directions():
     assert RR.mean_std([0.01, 0.03], signed=True) == "+2.0 ± 1.4" and RR.mean_std([-0.05], signed=True) == "-5.0"
 
 
-def test_headline_is_the_label_free_recipe_and_the_control_and_both_need_features():
-    (recipe, _), (control, why) = R.HEADLINE
+def test_headline_is_the_label_free_recipe_the_control_is_opt_in_and_both_need_features():
+    [(recipe, _)], (control, why) = R.HEADLINE, R.CONTROL
     assert recipe is R.MOBILENET_B1 and recipe.features == R.PRETRAINED
     assert recipe.flags["soft_source"] == "image" and recipe.flags["soft_image_source"] == "precomputed"
     assert control is R.CONTROL_B1 and control.features == R.TRUE_CLASS and "control" in why
@@ -223,10 +224,41 @@ def test_report_mode_pairs_every_comparison_by_seed_and_builds_nothing(tmp_path)
         run = runs / R.run_name(setting, 0.4, 0, plan)
         run.mkdir(parents=True)
         (run / "results.json").write_text(json.dumps(fake_results(0.5, test_top1[setting.name], steps=plan.steps)))
-    assert R.main(["--quick", "--online", "--report", "--runs", str(runs), "--out", str(tmp_path / "out")]) == 0
+    assert R.main(["--quick", "--report", "--runs", str(runs), "--out", str(tmp_path / "out")]) == 0
+    assert "control" not in (tmp_path / "out" / "reproduce.md").read_text()   # opt-in
+    assert R.main(["--quick", "--control", "--online", "--report", "--runs", str(runs), "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "reproduce.md").read_text()
-    for setting, _ in [*R.HEADLINE, R.ONLINE]:
+    for setting, _ in [*R.HEADLINE, R.CONTROL, R.ONLINE]:
         assert f"CLIP vs SoftCLIP ({setting.name}) — " in md
     for soft_top1, diff in (("33.0", "+3.0"), ("40.0", "+10.0"), ("28.0", "-2.0")):
         assert f"| 40% | FMNIST top-1 | 30.0 | {soft_top1} | {diff} | - | 1 |" in md
     assert not (runs / "data").exists()   # --report built no data set and precomputed nothing
+
+
+def test_clip_only_reports_clips_seed_spread_and_nothing_else(tmp_path):
+    plan = R.PLANS["quick"]
+    runs = tmp_path / "runs"
+    for setting, seed, top1 in ((R.CLIP, 0, 0.30), (R.CLIP, 1, 0.33), (R.CLIP, 2, 0.36), (R.MOBILENET_B1, 0, 0.5)):
+        run = runs / R.run_name(setting, 0.4, seed, plan)
+        run.mkdir(parents=True)
+        (run / "results.json").write_text(json.dumps(fake_results(0.5, top1, steps=plan.steps)))
+    assert R.main(["--quick", "--seeds", "3", "--clip-only", "--report", "--runs", str(runs),
+                   "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "reproduce.md").read_text()
+    assert "| 40% | 30.0 / 33.0 / 36.0 | 33.0 ± 3.0 | no |" in md   # std 3 > 2 points
+    assert "CLIP vs SoftCLIP" not in md and "`bench/reproduce.py --quick --clip-only`" in md
+    small = {0.2: {s: fake_results(0.5, 0.60 + 0.01 * s) for s in range(3)}}
+    assert "| 20% | 60.0 / 61.0 / 62.0 | 61.0 ± 1.0 | yes |" in RR.baseline_table(small, (0.2, 0.4))
+
+
+def test_run_minutes_counts_only_the_plans_budget(tmp_path):
+    plan = R.PLANS["quick"]
+    for name, minutes in ((R.run_name(R.CLIP, 0.4, 0, plan), 3.0), ("clip_n40_s0_999x128", 50.0)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.json").write_text("{}")
+        (run / "results.json").write_text("{}")
+        start = (run / "config.json").stat().st_mtime
+        os.utime(run / "results.json", (start + 60 * minutes, start + 60 * minutes))
+    n, minutes = RR.run_minutes(tmp_path, plan)
+    assert n == 1 and minutes == pytest.approx(3.0)

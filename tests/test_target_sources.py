@@ -8,7 +8,6 @@ image) that resumes step for step and exports the student only.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
