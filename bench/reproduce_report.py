@@ -118,16 +118,17 @@ def write_report(out: Path, plan, args, clip, ablation_noise: float, ablation: d
         flags = f"--set {bench_set.name} {flags}".strip()
     lines = [f"# SoftCLIP vs CLIP on {bench_set.title} (`bench/reproduce.py{' ' + flags if flags else ''}`)", "",
              f"Model `{args.model}`, {plan.steps} steps x global batch {plan.batch}, lr {args.lr}, cosine with 5% "
-             f"warm-up, `{args.deepspeed_config}`, one rank per run. Fashion-MNIST and emoji-category zero-shot "
-             "top-1 use prompts never seen in training; emoji R@k is the mean of image->text and text->image. "
+             f"warm-up, `{args.deepspeed_config}`, one rank per run. "
+             + ("Fashion-MNIST and emoji-category zero-shot top-1 use prompts never seen in training; emoji R@k is "
+                "the mean of image->text and text->image. " if bench_set is sets.EMBEDDED else "")
              + ("" if args.report else f"Wall time of this invocation {wall_s / 60:.1f} min. ")
              + f"The {n_runs} runs of this budget in `{shown_path(runs_dir)}` took {run_min:.1f} min of training "
              "(start-up to final evaluation, summed over runs that may have run side by side; data builds and "
              "precompute not included).", ""]
     if not bench_set.synthetic_noise:
         lines += [f"Noise 0% means the captions as their authors wrote them (nothing swapped). {bench_set.top1_label} "
-                  f"is zero-shot over {round(1 / bench_set.chance)} classes: chance is {100 * bench_set.chance:.1f}%.",
-                  ""]
+                  f"is zero-shot over {round(1 / bench_set.chance)} classes with prompts never seen in training: "
+                  f"chance is {100 * bench_set.chance:.1f}%.", ""]
 
     if baseline:
         lines += baseline_table(baseline, plan.noises, bench_set.top1_label)

@@ -1,7 +1,7 @@
 """A real-caption image-text set from the Open Clip Art Library (public domain), built from Debian's package.
 
     sudo apt-get install openclipart-svg librsvg2-bin     # 25 MB download; librsvg renders the SVGs
-    python -m data.openclipart                            # ~2-5 min on 2 cores; prints the trainer flags
+    python -m data.openclipart                            # ~3 CPU-minutes; prints the trainer flags
 
 Writes, under $XDG_CACHE_HOME/softclip/openclipart (default ~/.cache/softclip/openclipart; --out to change):
     train/{00000..00015}.tar + sizes.json   img2dataset layout: {key}.png, {key}.txt (caption), {key}.json
