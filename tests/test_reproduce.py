@@ -262,3 +262,79 @@ def test_run_minutes_counts_only_the_plans_budget(tmp_path):
         os.utime(run / "results.json", (start + 60 * minutes, start + 60 * minutes))
     n, minutes = RR.run_minutes(tmp_path, plan)
     assert n == 1 and minutes == pytest.approx(3.0)
+
+
+def real_caption_build(tmp_path, monkeypatch):
+    """A stand-in for the Open Clip Art build in a fake user cache: only what the plan reads."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "cache" / "softclip" / "openclipart"
+    out.mkdir(parents=True)
+    (out / "manifest.json").write_text(json.dumps({"train_pattern": "train/{00000..00015}.tar"}))
+    monkeypatch.setattr(R.sets, "real_build", lambda: out)
+    return out
+
+
+def test_set_openclipart_plans_clip_and_the_recipe_on_its_shards_and_eval_split(tmp_path, monkeypatch):
+    out = real_caption_build(tmp_path, monkeypatch)
+    features, jobs = [], []
+    monkeypatch.setattr(R, "feature_build", lambda kind, shards, pattern, root: features.append(
+        (kind, shards, pattern, root)) or tmp_path / "openclipart-pretrained")
+    monkeypatch.setattr(R, "run_all", lambda planned, *a: jobs.extend(planned) or {})
+    runs = tmp_path / "runs"
+    assert R.main(["--set", "openclipart", "--runs", str(runs), "--out", str(tmp_path / "out")]) == 0
+    plan = R.REAL_PLANS["default"]
+    assert [run.name for run, _ in jobs] == [R.run_name(s, 0.0, seed, plan) for seed in range(plan.seeds)
+                                             for s in (R.CLIP, R.MOBILENET_B1)]
+    assert features == [(R.PRETRAINED, out, str(out / "train/{00000..00015}.tar"), runs / "data")]  # once
+
+    def flag(cmd, name):
+        return cmd[cmd.index(name) + 1]
+    for run, cmd in jobs:
+        assert flag(cmd, "--tokenizer") == str(out / "tokenizer") and flag(cmd, "--retrieval-data") == "none"
+        assert flag(cmd, "--zeroshot-data") == f"clip_benchmark:{out / 'eval'}"
+        assert flag(cmd, "--steps") == "1500" and flag(cmd, "--output-dir") == str(run)
+        recipe = run.name.startswith("mobilenetv2")
+        assert flag(cmd, "--train-data") == (str(tmp_path / "openclipart-pretrained") if recipe
+                                             else str(out / "train/{00000..00015}.tar"))
+        assert flag(cmd, "--loss") == ("softclip" if recipe else "clip")
+    md = (tmp_path / "out" / "reproduce.md").read_text()
+    assert md.startswith("# SoftCLIP vs CLIP on Open Clip Art (real captions) (`bench/reproduce.py --set openclipart`)")
+    with pytest.raises(SystemExit, match="--control needs every training image's true class"):
+        R.main(["--set", "openclipart", "--control", "--runs", str(runs), "--out", str(tmp_path / "out")])
+
+
+def test_set_openclipart_ablation_has_no_label_reading_rows_and_embedded_commands_are_unchanged(tmp_path, monkeypatch):
+    real_caption_build(tmp_path, monkeypatch)
+    jobs = []
+    monkeypatch.setattr(R, "feature_build", lambda kind, shards, pattern, root: tmp_path / f"x-{kind}")
+    monkeypatch.setattr(R, "run_all", lambda planned, *a: jobs.extend(planned) or {})
+    R.main(["--set", "openclipart", "--quick", "--ablation", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path)])
+    names = [run.name for run, _ in jobs]
+    assert all("_n00_" in n for n in names) and not any("true-class" in n for n in names)
+    # CLIP and the ablation less its 2 controls; the comparison's recipe run is the ablation's (one run)
+    assert len(names) == len(set(names)) == 1 + len(R.ABLATION) - 2
+    # the embedded set's command is what it was before --set existed: finished runs stay finished
+    from types import SimpleNamespace
+    args = SimpleNamespace(deepspeed_config="d.json", model="tiny-test", lr=3e-3, set="embedded")
+    cmd = R.command(tmp_path / "r", R.CLIP, tmp_path / "noise20", 0, R.PLANS["default"], args)
+    at = cmd.index("--train-data")
+    assert cmd[at + 2:at + 5] == ["--tokenizer", str(R.DEFAULT_TOKENIZER), "--output-dir"]
+    assert "--zeroshot-data" not in cmd and "--retrieval-data" not in cmd
+
+
+def test_report_of_a_real_caption_set_names_its_metric_and_chance(tmp_path):
+    from types import SimpleNamespace
+    plan = R.REAL_PLANS["default"]
+
+    def real(top1):
+        return {"final": {"step": 10, "openclipart-val/top1": top1, "openclipart-test/top1": top1}, "steps": 10}
+    runs = {("clip", 0.0): {s: real(0.20 + 0.01 * s) for s in range(2)},
+            ("softclip", 0.0): {s: real(0.23 + 0.01 * s) for s in range(2)}}
+    args = SimpleNamespace(quick=False, report=True, model="tiny-test", lr=3e-3, deepspeed_config="x.json",
+                           set="openclipart")
+    RR.write_report(tmp_path, plan, args, R.CLIP, 0.0, {}, [], [("CLIP vs SoftCLIP (x) — y", R.MOBILENET_B1, runs)],
+                    0.0, tmp_path, {0.0: runs[("clip", 0.0)]})
+    md = (tmp_path / "reproduce.md").read_text()
+    assert "| 0% | Open Clip Art top-1 | 20.5 ± 0.7 | 23.5 ± 0.7 | +3.0 ± 0.0 | [+3.0, +3.0] | 2 |" in md
+    assert "| 0% | 20.0 / 21.0 | 20.5 ± 0.7 | yes |" in md and "chance is 4.8%" in md
+    assert RR.metrics(real(0.3), "test") == {"top1": 0.3}
