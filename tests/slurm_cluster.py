@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.debian_packages import PackagesUnavailable, ensure_binaries
+
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "munged", "mungekey")
 # Terminal states: the job has left the queue (or will not run again without help).
@@ -33,26 +35,10 @@ class SlurmUnavailable(RuntimeError):
 
 def ensure_installed(log=print) -> None:
     """Install the Debian packages when a binary is missing; raise SlurmUnavailable if impossible."""
-    if all(shutil.which(b) for b in BINARIES):
-        return
-    if os.geteuid() != 0:
-        raise SlurmUnavailable("Slurm is not installed and installing it needs root "
-                               "(apt-get install slurmctld slurmd slurm-client munge)")
-    if not shutil.which("apt-get"):
-        raise SlurmUnavailable("Slurm is not installed and there is no apt-get to install it with")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    t0 = time.perf_counter()
-    for cmd in (["apt-get", "update", "-qq"],
-                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
-        # The packages try to start their systemd services; without an init system that is refused
-        # by policy-rc.d and harmless: we run the daemons ourselves.
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"`{' '.join(cmd)}` failed ({r.returncode}):\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
-    missing = [b for b in BINARIES if not shutil.which(b)]
-    if missing:
-        raise RuntimeError(f"installed {', '.join(PACKAGES)} but {', '.join(missing)} still not on PATH")
-    log(f"slurm: installed {' '.join(PACKAGES)} in {time.perf_counter() - t0:.1f} s")
+    try:
+        ensure_binaries(BINARIES, PACKAGES, log=log)
+    except PackagesUnavailable as e:
+        raise SlurmUnavailable(str(e)) from None
 
 
 def _free_port() -> int:
