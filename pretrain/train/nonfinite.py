@@ -12,6 +12,16 @@ import torch
 import torch.distributed as dist
 
 
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _inject_nan(spec: tuple, step: int, tries: int, kind: str = "") -> bool:
+    """Test hook (--debug-nan): "3" poisons the loss of the first try of step 3, "5+" every try of
+    step 5; "g3" / "g5+" the same for the gradients only (the loss stays finite)."""
+    return f"{kind}{step}+" in spec or (f"{kind}{step}" in spec and tries == 0)
+
+
 def _local_gradients(engine) -> list[torch.Tensor]:
     """This rank's part of the accumulated gradients (ZeRO-3: its partitions; no ZeRO: the full grads)."""
     params = [p for p in engine.module.parameters() if p.requires_grad]
@@ -50,7 +60,6 @@ def skip_step(engine) -> None:
     then sees a zero norm) and the optimizer's step is a no-op for this one call (its moments and
     step count untouched, as in a skipped step).
     """
-    from pretrain.engine import NonFiniteLoss
     if engine.zero_optimization_stage() == 0:
         for p in engine.module.parameters():
             if p.grad is not None:
@@ -73,7 +82,6 @@ def skip_nonfinite_step(engine, state, tries: int, bound: int) -> None:
     """Skip the optimizer step whose gradients are non-finite (every rank), count it in
     state.nonfinite_grad_total, and abort once `tries` (this step's failed tries, this one included)
     reaches `bound` (--max-nonfinite). Used by the plain loop and by global-batch accumulation."""
-    from pretrain.engine import NonFiniteLoss
     skip_step(engine)
     state.nonfinite_grad_total += 1
     if tries >= bound:
