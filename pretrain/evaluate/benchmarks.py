@@ -23,7 +23,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[3] / "data" / "imagenet"
+DATA = Path(__file__).resolve().parents[2] / "data" / "imagenet"
 IMAGENET_PREFIX = re.compile(r"^(imagenet(?:-[\w.]+)?):(.+)$")
 CLIP_BENCHMARK = "clip_benchmark:"
 IMAGE_FILES = (".jpg", ".jpeg", ".png", ".webp", ".JPEG")

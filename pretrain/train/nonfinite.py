@@ -5,6 +5,9 @@ skip a step whose gradient norm is invalid (stage_1_and_2.py / stage3.py `step`)
 through `engine.skipped_steps`, and without ZeRO partitioning nothing stops the update. The trainer
 therefore checks the summed gradients before the step, counts a failure, and skips the step in a way
 DeepSpeed's bookkeeping (micro-step counter, gradient buffers) stays consistent with.
+
+NonFiniteLoss (the abort after --max-nonfinite tries) and the --debug-nan test hook live here too: the
+plain loop (engine.py) and global-batch accumulation (accumulate.py) share them.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import torch.distributed as dist
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """Losses or gradients stayed non-finite for --max-nonfinite tries in a row (pretrain/main.py: exit 3)."""
 
 
 def _inject_nan(spec: tuple, step: int, tries: int, kind: str = "") -> bool:
