@@ -193,7 +193,7 @@ def plot(out: Path, plan, tables: list, bench_set=sets.EMBEDDED) -> Path | None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from pretrain import report
+    from pretrain.observe import report
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     curves = [("CLIP", tables[0][2], "clip", "o-")] + [
         (f"SoftCLIP ({setting.name})", runs, "softclip", "s-") for _, setting, runs in tables]

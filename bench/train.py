@@ -4,14 +4,14 @@
     deepspeed --num_gpus 2 bench/train.py                  # the same on 2 ranks (CPU or GPU)
     python bench/train.py --models ViT-B-16,ViT-L-14 --micro-batch 128   # CUDA: adds TFLOP/s and MFU
 
-Each configuration builds the real engine (pretrain.engine.build_engine: model + loss in one ZeRO
+Each configuration builds the real engine (pretrain.train.engine.build_engine: model + loss in one ZeRO
 module) and times forward + backward + optimizer step on a fixed synthetic batch, so data loading
 is excluded; the median of --iters steps after --warmup is reported. SoftCLIP runs once per target
 source (--sources): online (the model's own tokens), precomputed text (synthetic [B, 32, 384] features
 in place of MiniLM's, image online) and ema (an EMA teacher for both towers: one extra no-grad forward
 and the EMA update per step). With --accum A > 1 every source is timed twice per optimizer step of A
 micro-batches: --contrastive-batch micro (each micro-batch's loss sees micro x W columns) and global
-(pretrain/accumulate.py: all micro x A x W columns; one extra no-grad forward per micro-batch), with
+(pretrain/train/accumulate.py: all micro x A x W columns; one extra no-grad forward per micro-batch), with
 the size of the global mode's feature cache per rank. FLOPs are an estimate:
 3 x (2 x matmul parameters x tokens + 4 x layers x tokens^2 x width) per tower (no recompute).
 """
@@ -31,7 +31,7 @@ import torch
 
 # The device peak table and the model-FLOP count live with the trainer's telemetry; imported here
 # under the names other scripts (the GPU check) use.
-from pretrain.telemetry import PEAK_TFLOPS, train_flops  # noqa: E402
+from pretrain.observe.telemetry import PEAK_TFLOPS, train_flops  # noqa: E402
 
 
 def synthetic_batch(config, batch: int, device):
@@ -58,10 +58,10 @@ FINE_TXT_SHAPE = (32, 384)  # all-MiniLM-L6-v2 token features, as data.precomput
 
 def bench_one(model_name: str, source: str, args, env, cuda: bool, mode: str = "micro") -> dict:
     from models import create_model
-    from pretrain.config import build_config
-    from pretrain import accumulate
-    from pretrain.engine import TrainState, build_engine, build_loss
-    from pretrain.teacher import build_teacher
+    from pretrain.settings.config import build_config
+    from pretrain.train import accumulate
+    from pretrain.train.engine import TrainState, build_engine, build_loss
+    from pretrain.train.teacher import build_teacher
     out = tempfile.mkdtemp(prefix="bench_train_")
     flags = ["--model", model_name, *SOURCES[source], "--train-data", "unused", "--output-dir", out,
              "--micro-batch", str(args.micro_batch), "--steps", "1000", "--grad-accum", str(args.accum),
@@ -139,8 +139,8 @@ def main(argv=None) -> int:
     p.add_argument("--deepspeed_config", default=None)
     p.add_argument("--local_rank", type=int, default=-1)
     args = p.parse_args(argv)
-    from pretrain import dist as pdist
-    from pretrain.main import init_distributed
+    from pretrain.runtime import dist as pdist
+    from pretrain.runtime.collectives import init_distributed
     cuda = torch.cuda.is_available()
     args.micro_batch = args.micro_batch or (128 if cuda else 64)
     models = (args.models or ("ViT-B-16,ViT-L-14" if cuda else "tiny")).split(",")

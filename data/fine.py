@@ -39,6 +39,7 @@ import numpy as np
 from data.decode import SampleError, decode_npy
 
 FINE_MEMBERS = ("fine_img", "fine_txt")
+FINE_MEMBER = {"image": "fine_img", "text": "fine_txt"}  # the member holding each modality's features
 META_FILE = "fine.json"
 
 

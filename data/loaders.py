@@ -132,7 +132,7 @@ def make_train_loader(data: str | Sequence[str], tokenizer: Tokenizer, *, batch_
         tokenizer: runs in the workers; its context length sets L.
         batch_size: per rank (micro-batch); the global batch is batch_size * world_size.
         image_size, mean, std: from the model config (VisionCfg).
-        rank, world_size: this process's place in the job (from pretrain/dist.py, never the env).
+        rank, world_size: this process's place in the job (from pretrain/runtime/dist.py, never the env).
         resampled: True for endless draws with replacement, False for exact epochs.
         weights: one per source, resampled mode only.
         num_samples: samples per epoch; defaults to the shards' sizes.json / img2dataset stats.

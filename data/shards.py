@@ -39,6 +39,15 @@ def expand_patterns(data: str | Sequence[str]) -> list[str]:
     return [shard for source in split_sources(data) for shard in expand_one(source)]
 
 
+def expand_shards(spec: str) -> list[str]:
+    """'a/{000..009}.tar', 'dir/' (all .tar inside) or several joined with '::' -> list of URLs,
+    exactly as the loader expands them; [] when a folder holds no shards."""
+    try:
+        return expand_patterns(spec)
+    except ValueError:
+        return []
+
+
 def split_sources(data: str | Sequence[str]) -> list[str]:
     parts = data.split("::") if isinstance(data, str) else list(data)
     parts = [os.path.expanduser(p.strip()) for p in parts if p and p.strip()]

@@ -25,10 +25,14 @@ import json
 import os
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from data.tokenizer import (BOS, BOS_ID, EOS, EOS_ID, HTML_ENTITIES, PAD, PAD_ID, UNK, UNK_ID,
-                            WHITESPACE_CLASS, Tokenizer)
+from data.normalize import BOS, BOS_ID, EOS, EOS_ID, HTML_ENTITIES, PAD, PAD_ID, UNK, UNK_ID, WHITESPACE_CLASS
+
+if TYPE_CHECKING:  # a type only: data.tokenizer imports this module (Tokenizer.save_hf)
+    from data.tokenizer import Tokenizer
 
 
 def build_hf_tokenizer(tok: Tokenizer) -> HFTokenizer:

@@ -62,7 +62,7 @@ class CLIP(nn.Module):
         # still acts and the scale can come back down. A plain clamp in forward would zero that
         # gradient for good once the parameter passes ln(max). Here forward clamps the value and keeps
         # the gradient (_ClampKeepGrad), and the trainer clamps the optimizer's fp32 master after
-        # each step (pretrain/logit_scale.py; under ZeRO-3 the module holds only a partition).
+        # each step (pretrain/train/logit_scale.py; under ZeRO-3 the module holds only a partition).
         self.max_log_scale = math.log(config.max_logit_scale)
         if any(hasattr(p, "ds_id") for p in self.parameters()):
             self._init_partitioned()
@@ -122,6 +122,16 @@ class CLIP(nn.Module):
         self._check_text(input_ids)
         emb, _, _ = self.text(input_ids, fine=False)
         return F.normalize(emb, dim=-1) if normalize else emb
+
+    @torch.no_grad()
+    def tower_tokens(self, modality: str, images: torch.Tensor, input_ids: torch.Tensor):
+        """L2-normalised token features and mask of one tower, as forward gives them, without running the
+        other tower: what a frozen EMA teacher contributes to the soft targets (pretrain/train/teacher.py)."""
+        if modality == "image":
+            _, tokens, mask = self.visual(images.to(self.visual.proj.weight.dtype))   # (B, K, D), (B, K)
+        else:
+            _, tokens, mask = self.text(input_ids)                                     # (B, M, D), (B, M)
+        return F.normalize(tokens, dim=-1), mask
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.trunk.set_grad_checkpointing(enable)

@@ -17,12 +17,20 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPImageProcessor
 
 from .config import ModelConfig
 from .native import check_state_dict
 from .towers import text_hf_config
+
+
+def hf_features(x):
+    """The tensor of CLIPModel.get_image_features / get_text_features: transformers 5 may wrap the features in
+    a ModelOutput; 4.x returned the tensor itself."""
+    return x if isinstance(x, torch.Tensor) else x.pooler_output
+
 
 # timm activation names -> transformers' ACT2FN names for the same function.
 HF_ACT = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu",

@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     preds = clf(image, candidate_labels=list(FMNIST_PROMPT_NAMES), hypothesis_template=FMNIST_EVAL_TEMPLATES[0])
 
     print("[5/5] results", flush=True)
-    from pretrain.report import draw  # the same report `python -m pretrain.report RUN` draws
+    from pretrain.observe.report import draw  # the same report `python -m pretrain.report RUN` draws
     png = draw([run], run / "demo.png", title=f"make demo: {args.model}, SoftCLIP, {args.steps} x {args.batch_size}")
     panels = sorted((run / "diagnostics").glob("step_*.png"))
     final = json.loads((run / "results.json").read_text())["final"]

@@ -19,31 +19,9 @@ if __package__ in (None, ""):
 import torch
 import torch.nn.functional as F
 
-from pretrain import checkpoint
+from pretrain.checkpoints.checkpoint import fp32_state_dict, resolve_tag
 
 FORMATS = ("native", "hf", "timm")
-# TrainTask(model, loss, teacher): the loss holds no parameters; the frozen EMA teacher of an ema target
-# source is in the checkpoint too (zero_to_fp32 returns its bf16 weights as "teacher.*") and is never
-# exported: only the student's "model.*" keys are kept.
-PREFIX = "model."
-
-
-def fp32_state_dict(ckpt_dir: Path, tag: str) -> dict:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    return {k[len(PREFIX):]: v for k, v in sd.items() if k.startswith(PREFIX)}
-
-
-def resolve_tag(ckpt_dir: Path, tag: str) -> str:
-    if tag == "latest":
-        found = checkpoint.find_latest(ckpt_dir)
-        if found is None:
-            raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir} (is it RUN/checkpoints?).")
-        return found.name
-    reason = checkpoint.is_complete(ckpt_dir / tag) if (ckpt_dir / tag).is_dir() else f"{ckpt_dir / tag} does not exist"
-    if reason:
-        raise FileNotFoundError(f"--tag {tag}: {reason}.")
-    return tag
 
 
 def reference_inputs(config, tokenizer, n: int = 4):
@@ -63,10 +41,11 @@ def check_native(out: Path, ref, images, ids) -> float:
 
 def check_hf(out: Path, ref, images, ids) -> float:
     from transformers import CLIPModel
+    from models.export_hf import hf_features
     m = CLIPModel.from_pretrained(str(out)).eval()
     with torch.no_grad():
-        img = _tensor(m.get_image_features(pixel_values=images))
-        txt = _tensor(m.get_text_features(input_ids=ids, attention_mask=ids != 0))
+        img = hf_features(m.get_image_features(pixel_values=images))
+        txt = hf_features(m.get_text_features(input_ids=ids, attention_mask=ids != 0))
     return max(_diff(F.normalize(img, dim=-1), ref[0]), _diff(F.normalize(txt, dim=-1), ref[1]))
 
 
@@ -75,11 +54,6 @@ def check_timm(out: Path, ref, images, ids) -> float:
     m = timm.create_model("local-dir:" + str(out), pretrained=True).eval()
     with torch.no_grad():
         return _diff(F.normalize(m(images), dim=-1), ref[0])
-
-
-def _tensor(x):
-    # transformers 5 may wrap the features in a ModelOutput; 4.x returned the tensor itself
-    return x if isinstance(x, torch.Tensor) else x.pooler_output
 
 
 def _diff(a: torch.Tensor, b: torch.Tensor) -> float:

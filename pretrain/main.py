@@ -3,13 +3,12 @@
 Also runs under `torchrun --nproc_per_node N pretrain/main.py ...`, `srun python pretrain/main.py ...`
 or plain `python pretrain/main.py ...` (one process). Exit codes: 0 done; 2 configuration error
 (every rank, message on rank 0); 3 aborted on repeated non-finite losses; 4 the training data failed
-(pretrain/failfast.py; 1 for any other failure, on every rank); 124 (EXIT_PREEMPTED) stopped by
+(pretrain/runtime/failfast.py; 1 for any other failure, on every rank); 124 (EXIT_PREEMPTED) stopped by
 SIGUSR1/SIGTERM after writing a checkpoint: requeue and `--resume latest`.
 """
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -18,37 +17,19 @@ if __package__ in (None, ""):  # `deepspeed pretrain/main.py` runs this file as 
 
 import torch
 
-from pretrain import checkpoint, dist as pdist, reshard, seeding
-from pretrain.config import ConfigError, TrainConfig, build_config, parse
-from pretrain.failfast import FailFast, default_store, fail_and_exit
-from pretrain.signals import EXIT_CONFIG, EXIT_PREEMPTED, StopFlag
+from pretrain.checkpoints import checkpoint, reshard
+from pretrain.runtime import dist as pdist, seeding
+from pretrain.runtime.collectives import barrier, init_distributed
+from pretrain.runtime.failfast import FailFast, default_store, fail_and_exit
+from pretrain.runtime.signals import EXIT_CONFIG, EXIT_PREEMPTED, StopFlag
+from pretrain.settings.config import ConfigError, TrainConfig, build_config, parse
 
 EXIT_NONFINITE = 3
 
 
-def init_distributed(env: pdist.DistEnv, cuda: bool) -> None:
-    import deepspeed
-    env.export_torch_env()
-    if not cuda:
-        # DeepSpeed's CPU backend compiles a shared-memory all-reduce op at init (~66 s cold on
-        # 2 cores). gloo is plenty for CPU runs; marking the op incompatible skips the build
-        # (deepspeed/comm/torch.py:build_shm_op checks this dict, which persists once probed).
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        threads = max(1, len(os.sched_getaffinity(0)) // env.local_world_size)
-        torch.set_num_threads(threads)  # N ranks x all cores each would oversubscribe the CPU
-    else:
-        torch.cuda.set_device(env.local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
-
-
-def barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def build_model(cfg: TrainConfig, tokenizer):
     from models import create_model
-    from pretrain.validate import vocab_override
+    from pretrain.settings.validate import vocab_override
     kwargs = vocab_override(cfg.model, tokenizer.vocab_size)
     if cfg.zero_init and cfg.zero_stage == 3:
         import deepspeed  # parameters are partitioned as they are created: ViT-H sized models
@@ -65,9 +46,9 @@ def build_and_resume(cfg: TrainConfig, env: pdist.DistEnv, model, teacher, log=p
     """The engine (and EMA), with --resume's checkpoint loaded: (engine, ema, tag_dir, client_state).
 
     A tag written by another number of ranks is converted to a universal checkpoint first
-    (pretrain/reshard.py). tag_dir is None for a fresh start. Collective.
+    (pretrain/checkpoints/reshard.py). tag_dir is None for a fresh start. Collective.
     """
-    from pretrain import engine as eng
+    from pretrain.train import engine as eng
     tag_dir = checkpoint.resolve_resume(cfg.resume, cfg.checkpoint_dir, env.world_size, log=log, other_world=True)
     saved_world = checkpoint.saved_world_size(tag_dir) if tag_dir is not None else None
     universal = reshard.prepare(tag_dir, saved_world, env.world_size, env.is_main, barrier, log)
@@ -84,9 +65,9 @@ def build_and_resume(cfg: TrainConfig, env: pdist.DistEnv, model, teacher, log=p
 def run(cfg: TrainConfig, env: pdist.DistEnv, log, stop: StopFlag) -> int:
     from data.tokenizer import Tokenizer
     from models import get_model_config
-    from pretrain import engine as eng
-    from pretrain.evalsets import EvalRunner
-    from pretrain.feed import Feed
+    from pretrain.train import engine as eng
+    from pretrain.evaluate.evalsets import EvalOptions, EvalRunner
+    from pretrain.train.feed import Feed, FeedOptions
 
     seeding.seed_weights(cfg.seed)  # same initial weights on every rank
     model_cfg = get_model_config(cfg.model)
@@ -101,7 +82,7 @@ def run(cfg: TrainConfig, env: pdist.DistEnv, log, stop: StopFlag) -> int:
              f"ZeRO stage {cfg.zero_stage}; world size {env.world_size}")
     teacher = None
     if cfg.ema_modalities:
-        from pretrain.teacher import build_teacher
+        from pretrain.train.teacher import build_teacher
         teacher = build_teacher(model, build=lambda: build_model(cfg, tokenizer))
         log.info(f"EMA teacher (decay {cfg.ema_decay}) for the {' and '.join(cfg.ema_modalities)} targets")
     if cfg.target_sources:
@@ -112,7 +93,7 @@ def run(cfg: TrainConfig, env: pdist.DistEnv, log, stop: StopFlag) -> int:
     if tag_dir is not None:
         state = eng.TrainState.from_client_state(client_state)
         log.info(f"resumed from {tag_dir} at step {state.step} ({state.samples_seen} samples seen)")
-    dropped = log.drop_after(state.step)  # records of an abandoned trajectory (see pretrain/runlog.py)
+    dropped = log.drop_after(state.step)  # records of an abandoned trajectory (see pretrain/observe/runlog.py)
     if dropped:
         log.info(f"log: {dropped} records past step {state.step} moved to log.abandoned.jsonl")
     if tag_dir is not None:
@@ -120,8 +101,8 @@ def run(cfg: TrainConfig, env: pdist.DistEnv, log, stop: StopFlag) -> int:
     log.advance(state.step)
     seeding.seed_training(cfg.seed, env.rank, state.step)  # per-rank dropout masks from here on
 
-    feed = Feed(cfg, env, tokenizer, model_cfg, state)
-    evals = EvalRunner(cfg, env, tokenizer, model_cfg, log)
+    feed = Feed(FeedOptions.of(cfg), env, tokenizer, model_cfg, state)
+    evals = EvalRunner(EvalOptions.of(cfg), env, tokenizer, model_cfg, log)
     saved_at = {state.step} if tag_dir is not None else set()
 
     def save() -> None:
@@ -160,10 +141,10 @@ def run(cfg: TrainConfig, env: pdist.DistEnv, log, stop: StopFlag) -> int:
     state.history.append(final)
     save()
     if env.is_main:
-        evals.write_results(final, state.history)
+        evals.write_results(final, state.history, {"model": cfg.model, "loss": cfg.loss, "steps": cfg.steps})
     log.info(f"done: {state.step} steps; results in {Path(cfg.output_dir) / 'results.json'}")
     if env.is_main:
-        from pretrain.telemetry import summary_of_log
+        from pretrain.observe.telemetry import summary_of_log
         log.info(f"throughput: {summary_of_log(Path(cfg.output_dir) / 'log.jsonl')}")
     return 0
 
@@ -200,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         if env.is_main:  # every rank fails the same checks; one copy of the message is enough
             print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    from pretrain.runlog import RunLog
+    from pretrain.observe.runlog import RunLog
     # From here on SIGUSR1/SIGTERM only set a flag: a signal during start-up is acted on after the
     # first step (checkpoint, EXIT_PREEMPTED) instead of killing the rank with no exit code to requeue on.
     stop = StopFlag().install()
@@ -215,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             code = run(cfg, env, log, stop)
-        except Exception as e:  # any rank's failure ends every rank, with one exit code (pretrain/failfast.py)
+        except Exception as e:  # any rank's failure ends every rank, with one exit code (pretrain/runtime/failfast.py)
             fail_and_exit(e, watch, env.rank, log)
         watch.stop()
         barrier()  # rank 0 takes the store with it: no rank leaves while a peer's watcher still polls it

@@ -13,7 +13,7 @@
 # SOFTCLIP_GRAD_ACCUM is derived from the allocation; a layout that does not divide SOFTCLIP_GLOBAL_BATCH is refused
 # with one message before anything starts. With accumulation every contrastive loss still sees all
 # 32,768 pairs (--contrastive-batch global, the default: one extra no-grad forward per micro-batch;
-# pretrain/accumulate.py). SOFTCLIP_EXTRA_ARGS="--contrastive-batch micro" trades the negatives for that time.
+# pretrain/train/accumulate.py). SOFTCLIP_EXTRA_ARGS="--contrastive-batch micro" trades the negatives for that time.
 #
 # Schedule, counted in optimizer steps: CC12M as fetched by img2dataset is ~10M pairs (dead URLs
 # remove the rest), so 32 epochs x 10M / 32,768 = 9,766 -> SOFTCLIP_STEPS=10000. Peak lr, weight

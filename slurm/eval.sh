@@ -5,7 +5,7 @@
 #   SOFTCLIP_RUN_DIR=... SOFTCLIP_TAG=step_00005000 SOFTCLIP_IMAGENET_VAL=/data/imagenet/val sbatch slurm/eval.sh
 #   SOFTCLIP_RUN_DIR=... SOFTCLIP_ZEROSHOT_DATA=imagenet:/data/in1k/val,imagenet-r:/data/in-r SOFTCLIP_RETRIEVAL_DATA=clip_benchmark:/data/wds sbatch ...
 #
-# Runs `python -m pretrain.evaluate` on every rank (pretrain/eval_cli.py): rank 0 merges the ZeRO shards
+# Runs `python -m pretrain.evaluate` on every rank (pretrain/evaluate/cli.py): rank 0 merges the ZeRO shards
 # to fp32 once, every rank loads the whole model and evaluates its share. So any number of GPUs works
 # (not only the training world size), the run's training data and flags are not needed (no training
 # feed is built), and a run trained with an EMA teacher loads like any other (only the student is kept).
@@ -38,11 +38,11 @@ check_dir SOFTCLIP_RUN_DIR "$SOFTCLIP_RUN_DIR"
 check_file "SOFTCLIP_RUN_DIR/config.json" "$SOFTCLIP_RUN_DIR/config.json" "the trainer writes it at startup; is SOFTCLIP_RUN_DIR a run directory?"
 SOFTCLIP_TAG=${SOFTCLIP_TAG:-latest}
 
-# Which complete tag (pretrain.checkpoint decides what is complete).
+# Which complete tag (pretrain.checkpoints.checkpoint decides what is complete).
 TAG_DIR=$("$SOFTCLIP_PYTHON" - "$SOFTCLIP_RUN_DIR/checkpoints" "$SOFTCLIP_TAG" <<'EOF' || true
 import sys
 from pathlib import Path
-from pretrain import checkpoint as c
+from pretrain.checkpoints import checkpoint as c
 ckpt, tag = Path(sys.argv[1]), sys.argv[2]
 d = c.find_latest(ckpt, log=lambda m: print(m, file=sys.stderr)) if tag == "latest" else ckpt / tag
 if d is not None and d.is_dir() and not c.is_complete(d):

@@ -1,7 +1,7 @@
-"""Contrastive-correct gradient accumulation (pretrain/accumulate.py) against the unaccumulated step.
+"""Contrastive-correct gradient accumulation (pretrain/train/accumulate.py) against the unaccumulated step.
 
 Reference: 1 rank x micro-batch 32 (A = 1). Candidates: 1 rank x A=4 x micro 8, and 2 gloo ranks x A=2 x
-micro 8. Each runs the real train loop (pretrain.engine.train) for 3 steps on the same global batches,
+micro 8. Each runs the real train loop (pretrain.train.engine.train) for 3 steps on the same global batches,
 under ZeRO-3 fp32 and ZeRO-2 fp32, for CLIP and for SoftCLIP with online, precomputed and EMA targets.
 Loss values, gradient norms and the final fp32 weights must match the reference. The models have no
 stochastic layers (tiny-test: no dropout, drop path or patch dropout), so this checks the loss
@@ -62,8 +62,8 @@ def feed(config, rank: int, world: int, accum: int, micro: int, seen: list):
 
 # ---------------------------------------------------------------- worker (one rank)
 def _worker(out_dir: str, run: str) -> None:
-    from pretrain import dist as pdist
-    from pretrain.main import init_distributed
+    from pretrain.runtime import dist as pdist
+    from pretrain.runtime.collectives import init_distributed
     env = pdist.from_environ()
     init_distributed(env, cuda=False)
     world, accum, micro = RUNS[run]
@@ -85,9 +85,9 @@ def _train(env, ds: str, src: str, mode: str, accum: int, micro: int, weights_pa
     from deepspeed.utils import safe_get_full_fp32_param
 
     from models import create_model
-    from pretrain.config import build_config
-    from pretrain.engine import TrainState, build_engine, build_loss, train
-    from pretrain.teacher import build_teacher
+    from pretrain.settings.config import build_config
+    from pretrain.train.engine import TrainState, build_engine, build_loss, train
+    from pretrain.train.teacher import build_teacher
     cfg = build_config(["--model", "tiny-test", "--train-data", "unused", "--output-dir", tempfile.mkdtemp(),
                         "--batch-size", str(GLOBAL), "--micro-batch", str(micro), "--steps", str(STEPS),
                         "--lr", "1e-3", "--warmup", "1", "--log-every", "1", "--contrastive-batch", mode,
@@ -191,8 +191,8 @@ def test_dropout_draws_the_same_masks_in_cache_and_recompute(fork, monkeypatch):
 
     from losses import SoftCLIPLoss
     from models import create_model
-    from pretrain import accumulate
-    from pretrain.engine import TrainState, TrainTask
+    from pretrain.train import accumulate
+    from pretrain.train.engine import TrainState, TrainTask
     torch.manual_seed(0)
     model = create_model("tiny-test", vision={"patch_drop_rate": 0.5, "drop_path_rate": 0.3}).double().train()
     task = TrainTask(model, SoftCLIPLoss(alpha=0.5, beta=1.0))
@@ -227,8 +227,8 @@ def test_dropout_draws_the_same_masks_in_cache_and_recompute(fork, monkeypatch):
 
 # ---------------------------------------------------------------- the flag and the config log line
 def test_config_states_the_loss_columns_in_every_mode(tmp_path):
-    from pretrain.config import ConfigError, build_config
-    from pretrain.dist import DistEnv
+    from pretrain.settings.config import ConfigError, build_config
+    from pretrain.runtime.dist import DistEnv
     env = DistEnv(rank=0, local_rank=0, world_size=2, master_addr="127.0.0.1", master_port=0, launcher="torchrun")
 
     def derived(*flags):

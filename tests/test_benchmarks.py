@@ -1,4 +1,4 @@
-"""ImageNet and clip_benchmark eval sets (pretrain/benchmarks.py) through the real eval path.
+"""ImageNet and clip_benchmark eval sets (pretrain/evaluate/benchmarks.py) through the real eval path.
 
 The class table is checked against its sources (open_clip's copy of OpenAI's names and templates, timm's
 ILSVRC-2012 synset list). The sets are real files made here: an ImageNet-layout folder with a few real
@@ -21,8 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pretrain import benchmarks
-from pretrain.evalsets import EvalRunner, resolve
+from pretrain.evaluate import benchmarks
+from pretrain.evaluate.evalsets import EvalRunner, resolve
 
 # (wnid, its name in the table): real ImageNet classes
 REAL = [("n01440764", "tench"), ("n01443537", "goldfish"), ("n01514668", "rooster"), ("n02119789", "kit fox")]
@@ -182,7 +182,7 @@ def test_clip_benchmark_errors_and_comma_joined_specs(tmp_path):
 
 
 def test_trainer_config_refuses_a_bad_benchmark_spec_before_starting(tmp_path):
-    from pretrain.validate import check_eval_data
+    from pretrain.settings.validate import check_eval_data
     assert check_eval_data("zeroshot_data", "none") == []
     problems = check_eval_data("zeroshot_data", f"imagenet:{tmp_path}/missing,{tmp_path}/also_missing")
     assert len(problems) == 2 and problems[0].startswith("--zeroshot-data imagenet:"), problems

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from pretrain import schedule
-from pretrain.config import ConfigError, build_config
-from pretrain.dist import from_environ
+from pretrain.settings import schedule
+from pretrain.settings.config import ConfigError, build_config
+from pretrain.runtime.dist import from_environ
 
 SINGLE = from_environ({})
 TORCHRUN = dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", MASTER_ADDR="10.0.0.1", MASTER_PORT="29500")

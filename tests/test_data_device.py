@@ -9,7 +9,7 @@ import torch
 from data import make_eval_loader, make_train_loader
 from data.loaders import PREFETCH_BYTES, batch_bytes, prefetch_depth
 from data.transforms import images_on_device, normalize_batch
-from pretrain.batches import batch_to_device
+from pretrain.train.batches import batch_to_device
 from tests.test_data_pipeline import MEAN, STD, shards, tok  # noqa: F401 (fixtures)
 
 
@@ -35,7 +35,7 @@ def test_uint8_batches_normalised_on_device_equal_the_old_worker_output(shards, 
     images, ids, fine = batch_to_device(batch, torch.device("cpu"), Vision)
     assert images.dtype == torch.float32 and torch.equal(images, want)
     assert torch.equal(ids, batch["input_ids"]) and fine is None
-    # the evaluators' path (pretrain/evaluate.py) and already-normalised images (passed through)
+    # the evaluators' path (pretrain/evaluate/metrics.py) and already-normalised images (passed through)
     assert torch.equal(images_on_device(batch["images"], "cpu", MEAN, STD), want)
     assert torch.equal(images_on_device(want, "cpu", MEAN, STD), want)
     # the formula itself: (x / 255 - mean) / std

@@ -8,10 +8,10 @@ import signal
 
 import pytest
 
-from pretrain import checkpoint
-from pretrain.config import ConfigError, build_config
-from pretrain.dist import DistEnv
-from pretrain.signals import EXIT_PREEMPTED
+from pretrain.checkpoints import checkpoint
+from pretrain.settings.config import ConfigError, build_config
+from pretrain.runtime.dist import DistEnv
+from pretrain.runtime.signals import EXIT_PREEMPTED
 from tests.test_train_support import embedded, launch, records, train_args, wait, wait_for  # noqa: F401
 
 # 64 samples per epoch at a global batch of 16: 4 steps per epoch, so 7 steps cross one boundary
@@ -33,8 +33,8 @@ def _config(embedded, tmp_path, *flags, world: int = 1, check_files: bool = True
 def test_flag_is_validated_and_reaches_the_loader(embedded, tmp_path):
     from data.tokenizer import Tokenizer
     from models import get_model_config
-    from pretrain.engine import TrainState
-    from pretrain.feed import Feed
+    from pretrain.train.engine import TrainState
+    from pretrain.train.feed import Feed
     assert _config(embedded, tmp_path).data_sampling == "resampled"
     cfg = _config(embedded, tmp_path, "--data-sampling", "epochs", "--train-num-samples", "64", "--workers", "1")
     assert cfg.data_sampling == "epochs"

@@ -1,4 +1,4 @@
-"""Soft-target diagnostics (pretrain/diagnostics.py): the probe's S is the loss's own S, the statistics
+"""Soft-target diagnostics (pretrain/evaluate/diagnostics.py): the probe's S is the loss's own S, the statistics
 match a naive computation, and a 2-rank ZeRO-3 run with an EMA teacher writes the PNG and the numbers."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 
 from losses import SoftCLIPLoss
 from models import create_model
-from pretrain import diagnostics as dg
-from pretrain.engine import TrainTask
+from pretrain.evaluate import diagnostics as dg
+from pretrain.train.engine import TrainTask
 from tests.test_evaluate_cli import EMA_STEPS, ema_run  # noqa: F401  (a 2-rank ZeRO-3 run, EMA teacher)
 from tests.test_train_support import embedded, records  # noqa: F401
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from data.transforms import images_on_device
-from pretrain import evaluate as ev
+from pretrain.evaluate import metrics as ev
 
 
 def test_topk_accuracy_hand_fixture():
@@ -114,7 +114,7 @@ def test_class_folder_zero_shot_set(tmp_path):
     """An ImageNet-style folder: class names from sub-folders, images through the eval transform."""
     from PIL import Image
     from models import create_model
-    from pretrain.evalsets import FolderLoader, resolve
+    from pretrain.evaluate.evalsets import FolderLoader, resolve
     for name, shade in (("ankle_boot", 30), ("bag", 220)):
         (tmp_path / name).mkdir()
         for i in range(3):

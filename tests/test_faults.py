@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pretrain.failfast import EXIT_DATA, EXIT_ERROR
+from pretrain.runtime.failfast import EXIT_DATA, EXIT_ERROR
 from pretrain.main import EXIT_NONFINITE
 
 from tests.test_train_support import REPO, embedded, launch, records, train_args  # noqa: F401
@@ -150,7 +150,7 @@ RAISING_LOOP = """
 import torch
 from types import SimpleNamespace
 from data.tario import DataError
-from pretrain.feed import iterate
+from pretrain.train.feed import iterate
 
 class Broken(torch.utils.data.IterableDataset):
     def __iter__(self):

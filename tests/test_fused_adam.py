@@ -1,4 +1,4 @@
-"""The FusedAdam preflight (pretrain/fused_adam.py): the decision over the facts, the configuration error
+"""The FusedAdam preflight (pretrain/runtime/fused_adam.py): the decision over the facts, the configuration error
 it becomes (exit 2 before any rank works), and the once-per-job build command on a machine without a GPU."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from pretrain import fused_adam as fa
-from pretrain.config import ConfigError, build_config
-from pretrain.dist import DistEnv
+from pretrain.runtime import fused_adam as fa
+from pretrain.settings.config import ConfigError, build_config
+from pretrain.runtime.dist import DistEnv
 from tests.test_train_support import REPO
 
 BUILDABLE = fa.Facts(cuda=True, torch_adam=False, offload=False, prebuilt=False, cuda_home="/usr/local/cuda",

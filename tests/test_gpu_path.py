@@ -42,7 +42,7 @@ def _batches(config, b: int, n: int, seed: int = 0) -> list[dict]:
 
 
 def _cfg(env, ds_config: str, *flags: str):
-    from pretrain.config import build_config
+    from pretrain.settings.config import build_config
     return build_config(["--model", "tiny-test", "--train-data", "unused", "--output-dir", tempfile.mkdtemp(),
                          "--micro-batch", "4", "--steps", "3", "--warmup", "1", "--lr", "1e-3", "--log-every", "1",
                          "--deepspeed_config", ds_config, *flags], env, cuda=False, check_files=False)
@@ -50,8 +50,8 @@ def _cfg(env, ds_config: str, *flags: str):
 
 def _engine(env, cfg):
     from models import create_model
-    from pretrain.engine import build_engine, build_loss
-    from pretrain.seeding import seed_weights
+    from pretrain.train.engine import build_engine, build_loss
+    from pretrain.runtime.seeding import seed_weights
     seed_weights(0)
     return build_engine(cfg, create_model("tiny-test"), build_loss(cfg, env.rank, env.world_size))[0]
 
@@ -78,8 +78,8 @@ def _record_collectives(calls: list) -> None:
 
 
 def _collectives_check(env, out: dict) -> None:
-    from pretrain import engine as eng
-    from pretrain import evaluate as ev
+    from pretrain.train import engine as eng
+    from pretrain.evaluate import metrics as ev
     cfg = _cfg(env, str(REPO / "ds_configs" / "cpu.json"), "--debug-nan", "2")
     engine = _engine(env, cfg)
     calls: list = []
@@ -135,7 +135,7 @@ def _logit_scale_check(env, out: dict) -> None:
     from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_grad, safe_get_local_fp32_param,
                                  safe_get_local_grad, safe_set_full_fp32_param, safe_set_local_fp32_param)
 
-    from pretrain.logit_scale import clamp_logit_scale_
+    from pretrain.train.logit_scale import clamp_logit_scale_
     for name in ("cpu.json", "cpu_zero2.json"):  # ZeRO-3 bf16 (partitioned), ZeRO-2 fp32
         cfg = _cfg(env, str(REPO / "ds_configs" / name))
         engine = _engine(env, cfg)
@@ -163,7 +163,7 @@ def _logit_scale_check(env, out: dict) -> None:
 
 
 def _nonfinite_grad_check(env, out: dict) -> None:
-    from pretrain import engine as eng
+    from pretrain.train import engine as eng
     stage0 = Path(tempfile.mkdtemp()) / "stage0_fp32.json"
     ds = json.loads((REPO / "ds_configs" / "cpu_fp32.json").read_text())
     ds["zero_optimization"] = {"stage": 0}
@@ -185,8 +185,8 @@ def _nonfinite_grad_check(env, out: dict) -> None:
 
 
 def _world1_worker(out_dir: str, checks: str) -> None:
-    from pretrain import dist as pdist
-    from pretrain.main import init_distributed
+    from pretrain.runtime import dist as pdist
+    from pretrain.runtime.collectives import init_distributed
     env = pdist.from_environ()
     init_distributed(env, cuda=False)
     for check in checks.split(","):
@@ -200,9 +200,9 @@ def _world1_worker(out_dir: str, checks: str) -> None:
 def _seed_worker(out_dir: str) -> None:
     """Two ranks: the trainer's seeding order (weights seed, build, per-rank seed), then a training forward."""
     from models import create_model
-    from pretrain import dist as pdist
-    from pretrain.main import init_distributed
-    from pretrain.seeding import seed_training, seed_weights
+    from pretrain.runtime import dist as pdist
+    from pretrain.runtime.collectives import init_distributed
+    from pretrain.runtime.seeding import seed_training, seed_weights
     env = pdist.from_environ()
     init_distributed(env, cuda=False)
     batch = _batches(create_model("tiny-test").config, 4, 1)[0]
@@ -282,8 +282,8 @@ def test_bf16_configs_reduce_and_accumulate_gradients_in_fp32(world1):
 
 
 def test_bf16_defaults_fill_a_users_json_and_respect_explicit_values(tmp_path):
-    from pretrain.config import build_config
-    from pretrain.dist import DistEnv
+    from pretrain.settings.config import build_config
+    from pretrain.runtime.dist import DistEnv
     env = DistEnv(rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1", master_port=0, launcher="single")
     ds = json.loads((REPO / "ds_configs" / "zero3_bf16.json").read_text())
     del ds["communication_data_type"], ds["data_types"]
@@ -354,7 +354,7 @@ def test_dropout_masks_differ_per_rank_while_initial_weights_agree(tmp_path):
 
 
 def test_rank_seeds_are_distinct_and_stable():
-    from pretrain.seeding import rank_seed
+    from pretrain.runtime.seeding import rank_seed
     seeds = {rank_seed(s, r, t) for s in range(4) for r in range(8) for t in (0, 100)}
     assert len(seeds) == 64 and all(0 <= s < 2 ** 63 for s in seeds)
     assert rank_seed(1, 0, 0) == rank_seed(1, 0, 0) != rank_seed(0, 1, 0)

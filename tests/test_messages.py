@@ -6,8 +6,8 @@ import shutil
 import pytest
 
 from data.shards import expand_patterns
-from pretrain.config import ConfigError, build_config
-from pretrain.dist import from_environ
+from pretrain.settings.config import ConfigError, build_config
+from pretrain.runtime.dist import from_environ
 
 from tests.test_train_support import embedded, train_args  # noqa: F401
 

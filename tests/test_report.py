@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain import report
+from pretrain.observe import report
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""Resume at another world size (pretrain/reshard.py): universal checkpoints, EMA re-partition, data position.
+"""Resume at another world size (pretrain/checkpoints/reshard.py): universal checkpoints, EMA re-partition, data position.
 
 Runs of the real trainer (ZeRO-3 fp32, tiny-test, an EMA teacher for the image targets) on 2 ranks and on
 1 rank save tags at steps 2 and 4. Then:
@@ -25,7 +25,7 @@ import torch
 if __package__ in (None, ""):  # run as a worker script by the tests below
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain import checkpoint, reshard
+from pretrain.checkpoints import checkpoint, reshard
 from tests.test_train_support import REPO, embedded, free_port, launch, records, wait  # noqa: F401
 
 STEPS = 4
@@ -47,10 +47,11 @@ def _dump_worker(args_json: str, out: str) -> None:
 
     from data.tokenizer import Tokenizer
     from models import get_model_config
-    from pretrain import dist as pdist
-    from pretrain.config import build_config
-    from pretrain.main import build_and_resume, build_model, init_distributed
-    from pretrain.teacher import build_teacher
+    from pretrain.runtime import dist as pdist
+    from pretrain.settings.config import build_config
+    from pretrain.main import build_and_resume, build_model
+    from pretrain.runtime.collectives import init_distributed
+    from pretrain.train.teacher import build_teacher
     env = pdist.from_environ()
     init_distributed(env, cuda=False)
     cfg = build_config(json.loads(args_json), env, cuda=False, check_files=False)
@@ -127,8 +128,8 @@ def test_data_position_carries_samples_over():
     """Feed's rule: samples consumed in the epoch, rounded down to whole batches of the new size."""
     from types import SimpleNamespace
 
-    from pretrain import feed
-    from pretrain.engine import TrainState
+    from pretrain.train import feed
+    from pretrain.train.engine import TrainState
     started = []
 
     class Probe(feed.Feed):

@@ -16,10 +16,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from pretrain import checkpoint
-from pretrain.config import ConfigError, build_config
-from pretrain.dist import from_environ
-from pretrain.runlog import RunLog
+from pretrain.checkpoints import checkpoint
+from pretrain.settings.config import ConfigError, build_config
+from pretrain.runtime.dist import from_environ
+from pretrain.observe.runlog import RunLog
 
 from tests.test_train_support import REPO, embedded, train_args  # noqa: F401
 
@@ -27,7 +27,7 @@ SINGLE = from_environ({})
 
 
 def fake_tag(ckpt: Path, step: int, world: int = 2, files: dict | None = None, manifest: bool = True) -> Path:
-    """A tag directory as pretrain.checkpoint.save leaves it (small stand-in files, real manifest)."""
+    """A tag directory as pretrain.checkpoints.checkpoint.save leaves it (small stand-in files, real manifest)."""
     tag = ckpt / checkpoint.tag_for(step)
     tag.mkdir(parents=True)
     files = files or {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt": 64 for r in range(world)}
@@ -47,7 +47,7 @@ def config_problems(embedded: Path, run: Path, *extra: str) -> str:
 
 # ------------------------------------------------------------------ configuration errors, exit 2
 def test_a_tag_of_another_world_size_passes_validation(embedded, tmp_path):
-    """Resuming at another world size is converted (pretrain/reshard.py, issue 14), not refused: the
+    """Resuming at another world size is converted (pretrain/checkpoints/reshard.py, issue 14), not refused: the
     start-up check verifies the tag, not its rank count."""
     tag = fake_tag(tmp_path / "run" / "checkpoints", 20, world=2)
     build_config(train_args(embedded, tmp_path / "run", "--resume", "latest"), SINGLE, cuda=False)

@@ -22,8 +22,8 @@ import torch
 if __package__ in (None, ""):  # run as a worker script by the 2-rank tests below
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain import checkpoint
-from pretrain.dist import DistEnv
+from pretrain.checkpoints import checkpoint
+from pretrain.runtime.dist import DistEnv
 from tests.test_train_support import (REPO, embedded, free_port, launch, records, wait,  # noqa: F401
                                      write_fine_shards)
 
@@ -70,7 +70,7 @@ def _args(embedded: Path, data: str, run: Path, *extra: str) -> list[str]:
 
 # ---------------------------------------------------------------- configuration
 def _config(*flags: str, check_files: bool = False, data: str = "unused", out: str = "/tmp/unused"):
-    from pretrain.config import build_config
+    from pretrain.settings.config import build_config
     return build_config(["--train-data", data, "--output-dir", out, "--batch-size", "8", "--steps", "10",
                          "--deepspeed_config", str(REPO / "ds_configs" / "cpu.json"), *flags],
                         DistEnv(rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1", master_port=0, launcher="single"), cuda=False,
@@ -78,7 +78,7 @@ def _config(*flags: str, check_files: bool = False, data: str = "unused", out: s
 
 
 def test_config_sources_and_their_errors(embedded, fine_shards, tmp_path):
-    from pretrain.config import ConfigError
+    from pretrain.settings.config import ConfigError
     cfg = _config("--soft-image-source", "ema", "--soft-text-source", "precomputed", "--ema-decay", "0.99")
     assert cfg.target_sources == {"image": "ema", "text": "precomputed"}
     assert cfg.fine_members == ("fine_txt",) and cfg.ema_modalities == ("image",) and cfg.ema_decay == 0.99
@@ -118,8 +118,8 @@ def test_config_sources_and_their_errors(embedded, fine_shards, tmp_path):
 def test_mixed_sources_feed_the_loss_and_the_teacher_gets_no_gradient():
     from losses import SoftCLIPLoss
     from models import create_model
-    from pretrain.engine import TrainTask
-    from pretrain.teacher import build_teacher, teacher_tokens
+    from pretrain.train.engine import TrainTask
+    from pretrain.train.teacher import build_teacher
     torch.manual_seed(0)
     model = create_model("tiny-test")
     b = 6
@@ -152,9 +152,9 @@ def test_mixed_sources_feed_the_loss_and_the_teacher_gets_no_gradient():
     assert all(p.grad is None for p in teacher.parameters())
     assert any(p.grad is not None for p in model.parameters())
     with torch.no_grad():
-        tok, _ = teacher_tokens(teacher, "text", images, ids)
+        tok, _ = teacher.tower_tokens("text", images, ids)
     assert not tok.requires_grad
-    from pretrain import schedule
+    from pretrain.settings import schedule
     in_groups = {id(p) for g in schedule.param_groups(ema_task, 0.1) for p in g["params"]}
     assert not in_groups & {id(p) for p in teacher.parameters()}
     assert len(in_groups) == len(list(model.parameters()))
@@ -166,8 +166,8 @@ def test_mixed_sources_feed_the_loss_and_the_teacher_gets_no_gradient():
 def _ema_worker(out_dir: str, steps: int = 3, decay: float = 0.5) -> None:
     """One rank: under ZeRO-3 bf16 then ZeRO-2 fp32 (one process: one start-up), k steps of the real
     engine; record the EMA and the teacher against a naive full-tensor EMA."""
-    from pretrain import dist as pdist
-    from pretrain.main import init_distributed
+    from pretrain.runtime import dist as pdist
+    from pretrain.runtime.collectives import init_distributed
     env = pdist.from_environ()
     init_distributed(env, cuda=False)
     for ds in ("cpu.json", "cpu_zero2.json"):
@@ -183,9 +183,9 @@ def _ema_check(env, ds_config: str, steps: int, decay: float) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param
 
     from models import create_model
-    from pretrain.config import build_config
-    from pretrain.engine import build_engine, build_loss
-    from pretrain.teacher import build_teacher
+    from pretrain.settings.config import build_config
+    from pretrain.train.engine import build_engine, build_loss
+    from pretrain.train.teacher import build_teacher
     cfg = build_config(["--model", "tiny-test", "--train-data", "unused", "--output-dir", tempfile.mkdtemp(),
                         "--micro-batch", "4", "--steps", "100", "--lr", "1e-2", "--deepspeed_config", ds_config,
                         "--soft-image-source", "ema", "--soft-text-source", "ema", "--ema-decay", str(decay)],

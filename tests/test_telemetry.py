@@ -1,4 +1,4 @@
-"""Telemetry (pretrain/telemetry.py): the FLOP count against torch.utils.flop_counter, the window's figures
+"""Telemetry (pretrain/observe/telemetry.py): the FLOP count against torch.utils.flop_counter, the window's figures
 against what was done, the data-wait warning, and the records of a real 2-rank training run."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from models import create_model
-from pretrain import telemetry as tm
+from pretrain.observe import telemetry as tm
 from tests.test_evaluate_cli import ema_run  # noqa: F401  (a 2-rank ZeRO-3 run, EMA teacher)
 from tests.test_train_support import embedded  # noqa: F401
 

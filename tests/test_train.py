@@ -13,8 +13,8 @@ import signal
 
 import pytest
 
-from pretrain import checkpoint
-from pretrain.signals import EXIT_PREEMPTED
+from pretrain.checkpoints import checkpoint
+from pretrain.runtime.signals import EXIT_PREEMPTED
 
 from tests.test_train_support import (STEPS, WORLD, embedded, launch, records, reference_run,  # noqa: F401
                                      train_args, wait, wait_for)

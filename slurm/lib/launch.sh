@@ -2,8 +2,8 @@
 # Shared by every script in slurm/ (sourced, never run): setup checks, the rank launch through srun,
 # signal forwarding and the requeue-on-preemption loop. One copy, so that a fix reaches every job.
 #
-# Contract with the trainer (pretrain/main.py, pretrain/signals.py, pretrain/dist.py):
-#   * one process per GPU (per task on CPU), started by `srun`; pretrain/dist.py maps SLURM_PROCID /
+# Contract with the trainer (pretrain/main.py, pretrain/runtime/signals.py, pretrain/runtime/dist.py):
+#   * one process per GPU (per task on CPU), started by `srun`; pretrain/runtime/dist.py maps SLURM_PROCID /
 #     SLURM_LOCALID / SLURM_NTASKS to rank / local rank / world size and reads MASTER_ADDR and
 #     MASTER_PORT, which this file exports. Nothing else in the trainer reads SLURM_*.
 #   * SIGUSR1 or SIGTERM -> the trainer finishes its step, checkpoints and exits with EXIT_PREEMPTED
@@ -27,7 +27,7 @@
 # Partition, account, time, nodes and GPUs are sbatch options: `sbatch -p gpu -A proj --nodes=4 ...`
 # or SBATCH_PARTITION / SBATCH_ACCOUNT / SBATCH_TIMELIMIT in the environment.
 
-EXIT_PREEMPTED=124  # pretrain/signals.py
+EXIT_PREEMPTED=124  # pretrain/runtime/signals.py
 EXIT_SETUP=2        # like the trainer's configuration errors
 
 die() {
@@ -71,7 +71,7 @@ check_shards() {  # NAME SPEC [HINT]
     local msg
     msg=$("$SOFTCLIP_PYTHON" - "$2" <<'EOF'
 import os, sys
-from pretrain.validate import expand_shards
+from data.shards import expand_shards
 spec = sys.argv[1]
 urls = expand_shards(spec)
 local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
@@ -85,10 +85,10 @@ EOF
     [[ -z $msg ]] || die "$1=$2: $msg${3:+; $3}."
 }
 
-check_eval_data() {  # NAME VALUE: the trainer's own check (pretrain/validate.py check_eval_data)
+check_eval_data() {  # NAME VALUE: the trainer's own check (pretrain/evaluate/specs.py check_eval_data)
     local msg flag=zeroshot_data
     [[ $1 == *RETRIEVAL* ]] && flag=retrieval_data
-    msg=$("$SOFTCLIP_PYTHON" -c 'import sys; from pretrain.validate import check_eval_data as c; print("; ".join(c(sys.argv[1], sys.argv[2])))' "$flag" "$2") \
+    msg=$("$SOFTCLIP_PYTHON" -c 'import sys; from pretrain.evaluate.specs import check_eval_data as c; print("; ".join(c(sys.argv[1], sys.argv[2])))' "$flag" "$2") \
         || die "$1=$2: could not check it with $SOFTCLIP_PYTHON (is the environment set up?)."
     [[ -z $msg ]] || die "$1=$2: $msg"
     if [[ $1 == SOFTCLIP_ZEROSHOT_DATA && ,$2, == *,embedded* ]]; then
@@ -114,12 +114,12 @@ soft_targets() {
 }
 
 # A precomputed source needs its members beside the training shards: the trainer's own check
-# (pretrain/validate.py missing_fine_members), before any rank starts, with the fix in Slurm terms.
+# (pretrain/settings/validate.py missing_fine_members), before any rank starts, with the fix in Slurm terms.
 check_fine_data() {
     local msg
     msg=$("$SOFTCLIP_PYTHON" - "$SOFTCLIP_SOFT_SOURCE" "$SOFTCLIP_SOFT_IMAGE_SOURCE" "$SOFTCLIP_SOFT_TEXT_SOURCE" "$SOFTCLIP_TRAIN_DATA" <<'EOF'
 import sys
-from pretrain.validate import missing_fine_members
+from pretrain.settings.validate import missing_fine_members
 source, image, text, data = sys.argv[1:]
 print("; ".join(problem for _, problem in missing_fine_members(dict(
     loss="softclip", soft_source=source, soft_image_source=image, soft_text_source=text, train_data=data))))
@@ -199,7 +199,7 @@ run_ranks() {
     trap - USR1
 }
 
-# DeepSpeed's FusedAdam, when the config makes it a JIT build (pretrain/fused_adam.py): built once
+# DeepSpeed's FusedAdam, when the config makes it a JIT build (pretrain/runtime/fused_adam.py): built once
 # per job, by one task on the first node in the ranks' environment (SOFTCLIP_SETUP_CMD, SOFTCLIP_SRUN_ARGS), before srun
 # starts the ranks, which then find it up to date in TORCH_EXTENSIONS_DIR and only load it; otherwise
 # every rank of every node compiles it at once. TORCH_EXTENSIONS_DIR must be on a filesystem all nodes

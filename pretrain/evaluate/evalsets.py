@@ -12,23 +12,29 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
-from pretrain import evaluate as ev
-from pretrain.evaluate import DEFAULT_TEMPLATES
+from pretrain.evaluate import metrics as ev
+from pretrain.evaluate.evalset import EvalSet
+from pretrain.evaluate.metrics import DEFAULT_TEMPLATES
 
 
 @dataclass(frozen=True)
-class EvalSet:
-    kind: str                 # "zeroshot" or "retrieval"
-    name: str                 # key in logs and results.json
-    data: str                 # shard pattern or folder
-    classnames: tuple = ()
-    templates: tuple = ()
-    multi_caption: bool = False  # retrieval: each line of a sample's text is one caption (clip_benchmark)
+class EvalOptions:
+    """The part of the run config EvalRunner reads: TrainConfig has these fields, and the evaluation CLI
+    builds one from its own flags."""
+    zeroshot_data: str
+    retrieval_data: str
+    eval_batch_size: int
+    workers: int
+    output_dir: str                      # RUN: diagnostics go to RUN/diagnostics, results to RUN/results.json
+
+    @classmethod
+    def of(cls, cfg) -> "EvalOptions":
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
 
 def _lines(path: Path) -> tuple:
@@ -50,8 +56,8 @@ def embedded_root(spec: str):
 
 
 def resolve(zeroshot: str, retrieval: str) -> list[EvalSet]:
-    """The eval sets of the two flags; each may join several specs with commas (pretrain/benchmarks.py)."""
-    from pretrain.benchmarks import benchmark_sets, is_benchmark, split_specs
+    """The eval sets of the two flags; each may join several specs with commas (pretrain/evaluate/benchmarks.py)."""
+    from pretrain.evaluate.benchmarks import benchmark_sets, is_benchmark, split_specs
     sets = []
     for kind, value in (("zeroshot", zeroshot), ("retrieval", retrieval)):
         for spec in split_specs(value):
@@ -102,7 +108,7 @@ class FolderLoader:
         tf = EvalTransform(v.image_size)
         ds = ImageFolder(root, transform=lambda img: tf(to_rgb(img)))
         idx = list(range(rank, len(ds), world_size))
-        from pretrain.feed import _ignore_stop_signals
+        from pretrain.runtime.workers import _ignore_stop_signals
         self.loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=batch_size,
                                                   num_workers=workers,
                                                   worker_init_fn=_ignore_stop_signals if workers else None)
@@ -124,7 +130,7 @@ class EvalRunner:
         self.sets = resolve(cfg.zeroshot_data, cfg.retrieval_data)
         self._cached: dict[str, list] = {}
         self._too_big: set[str] = set()
-        from pretrain.diagnostics import Diagnostics
+        from pretrain.evaluate.diagnostics import Diagnostics
         self.diagnostics = Diagnostics(cfg, env, tokenizer, model_cfg, self.sets)  # the soft-target probe
 
     def batches(self, s: EvalSet):
@@ -151,7 +157,7 @@ class EvalRunner:
             return FolderLoader(s.data, self.model_cfg, self.cfg.eval_batch_size, self.env.rank,
                                 self.env.world_size, self.cfg.workers)
         from data import make_eval_loader
-        from pretrain.feed import iterate
+        from pretrain.runtime.workers import iterate
         return iterate(make_eval_loader(s.data, self.tokenizer, batch_size=self.cfg.eval_batch_size,
                                 image_size=v.image_size, mean=v.mean, std=v.std, rank=self.env.rank,
                                 world_size=self.env.world_size, num_workers=min(1, self.cfg.workers),
@@ -183,7 +189,7 @@ class EvalRunner:
         self.log.info(f"eval @ step {step}: {shown or 'no eval sets'}")
         return {"step": step, **flat}
 
-    def write_results(self, final: dict, history: list) -> None:
+    def write_results(self, final: dict, history: list, run: dict) -> None:
+        """RUN/results.json: the final evaluation, the history, and `run` ({"model", "loss", "steps"})."""
         path = Path(self.cfg.output_dir) / "results.json"
-        path.write_text(json.dumps({"final": final, "history": history, "model": self.cfg.model,
-                                    "loss": self.cfg.loss, "steps": self.cfg.steps}, indent=2) + "\n")
+        path.write_text(json.dumps({"final": final, "history": history, **run}, indent=2) + "\n")

@@ -24,10 +24,10 @@ Memory per rank, P parameters of the EMA'd towers, W ranks: ZeRO-3 2P/W (bf16 te
 EMA) = 6P/W bytes; ZeRO-2 2P or 4P (teacher) + 4P (EMA), unpartitioned.
 
 Checkpoints: each rank writes its EMA values to `ema_rank{R}.pt` inside the DeepSpeed tag directory
-before the manifest (pretrain/checkpoint.py), so a complete tag always holds them; resume loads them
+before the manifest (pretrain/checkpoints/checkpoint.py), so a complete tag always holds them; resume loads them
 (torch.load(weights_only=True)) and rewrites the teacher, which is then bit-identical to the teacher of
 an uninterrupted run. DeepSpeed's own files also hold the teacher (frozen parameters), but the
-export keeps `model.*` keys only (pretrain/export.py), so the teacher is never exported.
+export keeps `model.*` keys only (pretrain/checkpoints/checkpoint.py fp32_state_dict), so the teacher is never exported.
 """
 from __future__ import annotations
 
@@ -35,8 +35,9 @@ import copy
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from pretrain.checkpoints.checkpoint import ema_path
 
 TOWER_PREFIX = {"image": "visual.", "text": "text."}
 
@@ -54,20 +55,6 @@ def build_teacher(model: nn.Module, build=None) -> nn.Module:
     teacher.set_grad_checkpointing(False)
     teacher.requires_grad_(False)
     return teacher.eval()
-
-
-@torch.no_grad()
-def teacher_tokens(teacher: nn.Module, modality: str, images: torch.Tensor, input_ids: torch.Tensor):
-    """L2-normalised token features and mask of one tower of the teacher, as CLIP.forward gives them."""
-    if modality == "image":
-        _, tokens, mask = teacher.visual(images.to(teacher.visual.proj.weight.dtype))   # (B, K, D), (B, K)
-    else:
-        _, tokens, mask = teacher.text(input_ids)                                        # (B, M, D), (B, M)
-    return F.normalize(tokens, dim=-1), mask
-
-
-def ema_path(tag_dir: Path, rank: int) -> Path:
-    return Path(tag_dir) / f"ema_rank{rank:03d}.pt"
 
 
 class EMA:

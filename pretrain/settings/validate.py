@@ -1,4 +1,4 @@
-"""Checks behind pretrain.config: the DeepSpeed JSON, the batch arithmetic, files on disk.
+"""Checks behind pretrain.settings.config: the DeepSpeed JSON, the batch arithmetic, files on disk.
 
 Each check appends one sentence per problem to `problems` (naming the bad value and the fix), so a
 user sees every mistake at once instead of one per launch.
@@ -9,11 +9,14 @@ import json
 import os
 from pathlib import Path
 
-from pretrain import preflight
+from data.shards import expand_shards
+from pretrain.evaluate.specs import check_eval_data
+from pretrain.settings import preflight
 
 # Keys DeepSpeed reads only inside "zero_optimization"; at the top level they are silently ignored.
 ZERO_KEYS = ("stage", "overlap_comm", "contiguous_gradients", "reduce_bucket_size", "allgather_bucket_size",
              "reduce_scatter", "sub_group_size", "offload_param", "offload_optimizer")
+TARGET_SOURCES = ("online", "precomputed", "ema")  # --soft-image-source / --soft-text-source
 BATCH_KEYS = {"train_batch_size": "batch_size", "train_micro_batch_size_per_gpu": "micro_batch",
               "gradient_accumulation_steps": "grad_accum"}
 
@@ -61,7 +64,7 @@ def check_ds_config(path: str, cuda: bool, problems: list[str], derived: list[st
             # torch's AdamW is as fast for the small models that train on CPU.
             params["torch_adam"] = True
             derived.append("optimizer: torch AdamW (no GPU; DeepSpeed's fused Adam needs one)")
-        from pretrain.fused_adam import fused_adam_problem, gather_facts
+        from pretrain.runtime.fused_adam import fused_adam_problem, gather_facts
         problem = fused_adam_problem(gather_facts(ds, cuda))
         if problem:
             problems.append(f"--deepspeed_config {path}: {problem}")
@@ -127,13 +130,12 @@ def reconcile_batch(ds: dict, raw: dict, world: int, problems: list[str]):
 
 
 def check_target_sources(raw: dict, explicit: dict, problems: list[str]) -> None:
-    """--soft-image-source / --soft-text-source / --ema-decay (see pretrain/teacher.py).
+    """--soft-image-source / --soft-text-source / --ema-decay (see pretrain/train/teacher.py).
 
     A non-online source for a modality that --soft-source does not use is an error, not a silent
     no-op: the user asked for targets the loss would never build (and, for ema, would pay a teacher
     forward for nothing). --loss clip with any of them is reported with the other soft options.
     """
-    from pretrain.config import TARGET_SOURCES
     used = {"both": ("image", "text")}.get(raw["soft_source"], (raw["soft_source"],))
     for m in ("image", "text"):
         v = raw[f"soft_{m}_source"]
@@ -159,8 +161,7 @@ def missing_fine_members(raw: dict) -> list[tuple[str | None, str]]:
     """What a precomputed source lacks beside the training shards: (modality, sentence) pairs, the
     modality None when fine.json cannot be read at all. No fix in the sentence: the trainer's check
     (below) and slurm/lib/launch.sh each name the fix in their own terms (flags, SOFTCLIP_*)."""
-    from data.fine import read_fine_meta
-    from pretrain.config import FINE_MEMBER
+    from data.fine import FINE_MEMBER, read_fine_meta
     used = {"both": ("image", "text")}.get(raw["soft_source"], (raw["soft_source"],))
     wanted = [m for m in used if raw[f"soft_{m}_source"] == "precomputed"]
     if not wanted or raw["loss"] != "softclip":
@@ -187,16 +188,6 @@ def check_fine_members(raw: dict, problems: list[str]) -> None:
         problems.append(f"{problem}." if m is None else
                         f"{problem}; write them with `python -m data.precompute_fine --data ... --out NEW` and "
                         f"train on NEW, or use --soft-{m}-source online|ema.")
-
-
-def expand_shards(spec: str) -> list[str]:
-    """'a/{000..009}.tar', 'dir/' (all .tar inside) or several joined with '::' -> list of URLs,
-    exactly as the loader expands them (data.shards); [] when a folder holds no shards."""
-    from data.shards import expand_patterns
-    try:
-        return expand_patterns(spec)
-    except ValueError:
-        return []
 
 
 def _is_remote(url: str) -> bool:
@@ -256,23 +247,6 @@ def check_data_and_model(raw: dict, resume: str | None, env, problems: list[str]
         probe.unlink()
     except OSError as e:
         problems.append(f"--output-dir {out} is not writable ({e.strerror}); choose another directory.")
-
-
-def check_eval_data(flag: str, value: str) -> list[str]:
-    """Problems with --zeroshot-data / --retrieval-data (comma-joined specs; pretrain/benchmarks.py)."""
-    from pretrain.benchmarks import check_spec, is_benchmark, split_specs
-    problems = check_spec(flag, value)  # imagenet:PATH, clip_benchmark:ROOT
-    for v in (s for s in split_specs(value) if not is_benchmark(s)):
-        _check_eval_path(flag, v, problems)
-    return problems
-
-
-def _check_eval_path(flag: str, v: str, problems: list[str]) -> None:
-    preflight.check_embedded_eval(flag, v, problems)
-    if v.startswith("embedded:") and not (Path(v[len("embedded:"):]) / "manifest.json").is_file():
-        problems.append(f"--{flag.replace('_', '-')} {v}: no embedded build there (python -m data.embedded --out DIR).")
-    elif v not in ("embedded", "none") and not v.startswith("embedded:") and not _is_remote(v) and not all(map(os.path.exists, expand_shards(v) or [v])):
-        problems.append(f"--{flag.replace('_', '-')} {v}: not found; give a path, 'embedded' or 'none'.")
 
 
 def vocab_override(model: str, vocab_size: int) -> dict:

@@ -3,7 +3,7 @@
 Loaders send uint8 images (data/transforms.py says why); they are copied as uint8 and normalised
 on the device by the same function the evaluators use, so a model sees exactly the inputs it saw
 when workers normalised (bit for bit on CPU; tests/test_data_device.py). On CUDA the trainer's
-loader pins its batches (pretrain/feed.py), which is what makes `non_blocking=True` asynchronous.
+loader pins its batches (pretrain/train/feed.py), which is what makes `non_blocking=True` asynchronous.
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ SHOWN, NEIGHBOURS = 8, 5
 
 
 def _has_labels(pattern: str) -> bool:
-    from pretrain.validate import expand_shards
+    from data.shards import expand_shards
     first = next(iter(expand_shards(pattern)), None)
     if first is None or not Path(first).is_file():
         return False
@@ -76,8 +76,7 @@ class Diagnostics:
             elif src == "ema":
                 notes.append(f"{m}: EMA teacher")
             if src == "ema":
-                from pretrain.teacher import teacher_tokens
-                tokens[m] = teacher_tokens(task.teacher, m, images, ids)
+                tokens[m] = task.teacher.tower_tokens(m, images, ids)
             else:
                 tokens[m] = (out.image_tokens, out.image_mask) if m == "image" else (out.text_tokens, out.text_mask)
         f = probe_loss.target_similarity(tokens["image"][0], tokens["text"][0], tokens["text"][1], tokens["image"][1])

@@ -64,7 +64,7 @@ def _set_rng_state(state, device: torch.device) -> None:
 
 def _inputs(batch: dict, engine) -> tuple:
     """(images normalised on the device, input_ids, precomputed features or None), as the plain loop."""
-    from pretrain.batches import batch_to_device
+    from pretrain.train.batches import batch_to_device
     return batch_to_device(batch, engine.device, engine.module.model.config.vision)
 
 
@@ -85,11 +85,10 @@ def step(engine, data, cfg, state) -> dict:
     """One optimizer step over A micro-batches with the global batch in every loss; returns the loss terms.
 
     Collective: every rank calls it once per step. Non-finite gradients behind a finite loss are
-    caught before DeepSpeed's step at the A-th micro-batch (pretrain/nonfinite.py, as in the plain
+    caught before DeepSpeed's step at the A-th micro-batch (pretrain/train/nonfinite.py, as in the plain
     loop): that step is skipped on every rank and redone with the next A micro-batches.
     """
-    from pretrain.engine import _inject_nan
-    from pretrain.nonfinite import gradients_finite, poison_gradient, skip_nonfinite_step
+    from pretrain.train.nonfinite import _inject_nan, gradients_finite, poison_gradient, skip_nonfinite_step
     accum, grad_tries = cfg.grad_accum, 0
     while True:
         batches, rngs, grads, logged = _global_loss_grads(engine, data, cfg, state)
@@ -117,7 +116,8 @@ def _global_loss_grads(engine, data, cfg, state):
     """Cache A micro-batches, score their rows against all N columns, and return (batches, their RNG
     states, dL/d(cached embeddings) per micro-batch and dL/ds / A, the logged terms averaged over ranks).
     A non-finite global loss on any rank drops the A micro-batches everywhere and takes the next A."""
-    from pretrain.engine import NonFiniteLoss, _inject_nan, _sum_over_ranks
+    from pretrain.runtime.collectives import _sum_over_ranks
+    from pretrain.train.nonfinite import NonFiniteLoss, _inject_nan
     device, accum, tries = engine.device, cfg.grad_accum, 0
     while True:
         # cache: one no-grad forward per micro-batch, RNG state noted for the recompute

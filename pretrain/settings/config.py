@@ -16,12 +16,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain import schedule
-from pretrain.dist import DistEnv
-from pretrain.validate import (check_data_and_model, check_ds_config, check_target_sources, reconcile_batch,
-                               resolve_train_data)
+from data.fine import FINE_MEMBER
+from pretrain.runtime.dist import DistEnv
+from pretrain.settings import schedule
+from pretrain.settings.validate import (TARGET_SOURCES, check_data_and_model, check_ds_config, check_target_sources,
+                                        reconcile_batch, resolve_train_data)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class ConfigError(ValueError):
@@ -138,9 +139,7 @@ DEFAULTS = dict(
     debug_data_error="", deepspeed_config=None)
 SOFT_OPTIONS = ("alpha", "beta", "soft_temperature", "soft_source", "soft_standardize", "soft_topk",
                 "soft_warmup", "soft_image_source", "soft_text_source", "ema_decay")
-TARGET_SOURCES = ("online", "precomputed", "ema")
 DATA_SAMPLING = ("resampled", "epochs")  # data.make_train_loader(resampled=True / False)
-FINE_MEMBER = {"image": "fine_img", "text": "fine_txt"}  # shard member of each modality (data/fine.py)
 DEFAULT_LR = 5e-4
 
 
@@ -186,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--micro-batch", type=int, help="per-device batch (train_micro_batch_size_per_gpu)")
     a("--grad-accum", type=int, help="gradient accumulation steps")
     a("--contrastive-batch", choices=["global", "micro"],
-      help="columns of the loss under accumulation: the global batch (default; pretrain/accumulate.py) "
+      help="columns of the loss under accumulation: the global batch (default; pretrain/train/accumulate.py) "
            "or each micro-batch x world size (cheaper, fewer negatives)")
     a("--output-dir", help="run directory: config.json, log.jsonl, results.json, checkpoints/")
     a("--resume", help="'latest' (start fresh if there is none yet) or a checkpoint tag directory")

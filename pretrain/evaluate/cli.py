@@ -21,31 +21,18 @@ import argparse
 import json
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 import torch.nn.functional as F
 
-from pretrain import checkpoint
-from pretrain.signals import EXIT_CONFIG
+from pretrain.checkpoints import checkpoint
+from pretrain.runtime.signals import EXIT_CONFIG
 
 
 class EvalError(RuntimeError):
     """Bad input to the CLI: the message names the value and the fix."""
-
-
-@dataclass(frozen=True)
-class EvalOptions:  # the fields EvalRunner reads from a TrainConfig
-    zeroshot_data: str
-    retrieval_data: str
-    eval_batch_size: int
-    workers: int
-    output_dir: str
 
 
 # ------------------------------------------------------------------------------------------- what to load
@@ -74,7 +61,7 @@ def checkpoint_tag(ckpt_dir: Path, tag: str) -> tuple[Path, str]:
     """(the checkpoints folder, a complete tag name) for a checkpoints folder or a tag directory."""
     if (ckpt_dir / checkpoint.MANIFEST).is_file() or ckpt_dir.name.startswith("step_"):
         ckpt_dir, tag = ckpt_dir.parent, ckpt_dir.name
-    from pretrain.export import resolve_tag
+    from pretrain.checkpoints.checkpoint import resolve_tag
     try:
         return ckpt_dir, resolve_tag(ckpt_dir, tag)
     except FileNotFoundError as e:
@@ -85,7 +72,7 @@ def load_checkpoint(ckpt_dir: Path, tag: str):
     """(model, tokenizer, model_config) of a training checkpoint's student, fp32 on the CPU."""
     from data.tokenizer import Tokenizer
     from models import CLIP, ModelConfig
-    from pretrain.export import fp32_state_dict
+    from pretrain.checkpoints.checkpoint import fp32_state_dict
     run = ckpt_dir.parent
     for p in (run / "model_config.json", run / "tokenizer"):
         if not p.exists():
@@ -114,13 +101,13 @@ class HFCLIP(torch.nn.Module):
         self.hf = hf_model
 
     def encode_image(self, images):
-        from pretrain.export import _tensor  # transformers 5 may wrap the features in a ModelOutput
-        return F.normalize(_tensor(self.hf.get_image_features(pixel_values=images)), dim=-1)
+        from models.export_hf import hf_features  # transformers 5 may wrap the features in a ModelOutput
+        return F.normalize(hf_features(self.hf.get_image_features(pixel_values=images)), dim=-1)
 
     def encode_text(self, ids):
-        from pretrain.export import _tensor
+        from models.export_hf import hf_features
         mask = ids != self.pad_id
-        return F.normalize(_tensor(self.hf.get_text_features(input_ids=ids, attention_mask=mask)), dim=-1)
+        return F.normalize(hf_features(self.hf.get_text_features(input_ids=ids, attention_mask=mask)), dim=-1)
 
 
 class HFTokenizer:
@@ -188,7 +175,7 @@ def load_on_ranks(kind: str, path: Path, tag: str, env, device, scratch: Path):
 
 
 def evaluate(args, env, device, log=print) -> dict:
-    from pretrain.evalsets import EvalRunner
+    from pretrain.evaluate.evalsets import EvalOptions, EvalRunner
     kind, path = classify(Path(args.checkpoint), args.format)
     out = Path(args.out) if args.out else default_out(kind, path, args.tag)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -249,7 +236,7 @@ def parse(argv=None):
 
 
 def main(argv=None) -> int:
-    from pretrain import dist as pdist
+    from pretrain.runtime import dist as pdist
     args = parse(argv)
     try:
         env = pdist.from_environ()
@@ -258,13 +245,13 @@ def main(argv=None) -> int:
         return EXIT_CONFIG
     cuda = torch.cuda.is_available()
     args.precision = args.precision or ("bf16" if cuda else "fp32")
-    from pretrain.validate import check_eval_data
+    from pretrain.evaluate.specs import check_eval_data
     problems = check_eval_data("zeroshot_data", args.zeroshot_data) + check_eval_data("retrieval_data", args.retrieval_data)
     if problems:
         if env.is_main:
             print("error: " + "\n  ".join(problems), file=sys.stderr)
         return EXIT_CONFIG
-    from pretrain.main import init_distributed
+    from pretrain.runtime.collectives import init_distributed
     init_distributed(env, cuda)  # also with one rank: the collectives run as they do on many
     device = torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
     try:

@@ -4,9 +4,9 @@ Model and loss form one module (`TrainTask`) so that the learnable logit scale, 
 consumes, lives inside the module DeepSpeed partitions and optimizes, and so that every collective
 of a step (ZeRO-3 parameter gathers, the loss's feature gathers) happens inside one forward
 (open_clip's task-module shape). The frozen EMA teacher of an `ema` target source is a submodule of
-the same module for the same reason (pretrain/teacher.py). Under accumulation with
+the same module for the same reason (pretrain/train/teacher.py). Under accumulation with
 --contrastive-batch global the loss instead runs once per step on cached features, outside the
-forwards (pretrain/accumulate.py); it has no parameters, so ZeRO gathers nothing for it.
+forwards (pretrain/train/accumulate.py); it has no parameters, so ZeRO gathers nothing for it.
 """
 from __future__ import annotations
 
@@ -14,17 +14,20 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from data.fine import FINE_MEMBER
 from losses import ClipLoss, SoftCLIPLoss
-from pretrain import accumulate, schedule
-from pretrain.batches import batch_to_device
-from pretrain.config import FINE_MEMBER, TrainConfig
-from pretrain.logit_scale import clamp_logit_scale_
-from pretrain.nonfinite import gradients_finite, poison_gradient, skip_nonfinite_step
-from pretrain.telemetry import Telemetry
-from pretrain.teacher import EMA, teacher_tokens
+from pretrain.observe.telemetry import Telemetry
+from pretrain.runtime.collectives import _sum_over_ranks
+from pretrain.settings import schedule
+from pretrain.settings.config import TrainConfig
+from pretrain.train import accumulate
+from pretrain.train.batches import batch_to_device
+from pretrain.train.logit_scale import clamp_logit_scale_
+from pretrain.train.nonfinite import (NonFiniteLoss, _inject_nan, gradients_finite, poison_gradient,
+                                      skip_nonfinite_step)
+from pretrain.train.teacher import EMA
 
 
 class TrainTask(nn.Module):
@@ -35,7 +38,7 @@ class TrainTask(nn.Module):
         loss: ClipLoss or SoftCLIPLoss.
         sources: {modality: "online" | "precomputed" | "ema"} for the modalities the soft targets use
             (TrainConfig.target_sources); missing modalities default to online.
-        teacher: the frozen EMA copy of `model` (pretrain/teacher.py), needed by an ema source.
+        teacher: the frozen EMA copy of `model` (pretrain/train/teacher.py), needed by an ema source.
     """
 
     def __init__(self, model: nn.Module, loss: nn.Module, sources: dict | None = None,
@@ -59,7 +62,7 @@ class TrainTask(nn.Module):
         and/or the same for fine_img}; required for the modalities whose source is precomputed.
 
         stage: "loss" (the loss of this micro-batch's own columns), or the two halves of a global
-        contrastive batch under accumulation (pretrain/accumulate.py): "features" (what the loss
+        contrastive batch under accumulation (pretrain/train/accumulate.py): "features" (what the loss
         needs of this micro-batch, for the cache; call under no_grad) and "surrogate" (the student's
         forward again, contracted with `feature_grads`, whose gradient is this micro-batch's share
         of the global batch's gradient).
@@ -93,7 +96,7 @@ class TrainTask(nn.Module):
         if source == "online":
             return (out.image_tokens, out.image_mask) if modality == "image" else (out.text_tokens, out.text_mask)
         if source == "ema":
-            return teacher_tokens(self.teacher, modality, images, input_ids)
+            return self.teacher.tower_tokens(modality, images, input_ids)
         key = FINE_MEMBER[modality]
         if key not in fine:
             raise ValueError(f"the {modality} source is precomputed but the batch has no {key!r}; build the "
@@ -114,8 +117,8 @@ def build_engine(cfg: TrainConfig, model: nn.Module, loss: nn.Module, teacher: n
                  rank: int = 0, universal: bool = False):
     """The DeepSpeed engine around TrainTask, and the EMA of the teacher (None without an ema source).
 
-    `teacher` (pretrain.teacher.build_teacher(model)) is required when cfg.ema_modalities is set.
-    `universal`: the run resumes from a universal checkpoint (another world size, pretrain/reshard.py).
+    `teacher` (pretrain.train.teacher.build_teacher(model)) is required when cfg.ema_modalities is set.
+    `universal`: the run resumes from a universal checkpoint (another world size, pretrain/checkpoints/reshard.py).
     """
     import deepspeed
     task = TrainTask(model, loss, cfg.target_sources, teacher)
@@ -154,33 +157,6 @@ class TrainState:
         return cls(**known)
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-def _sum_over_ranks(device: torch.device, *values: float) -> list[float]:
-    """One small all-reduce (SUM) for the per-step flags and counters every rank must agree on.
-
-    The tensor lives on the engine's device. On GPUs the process group is NCCL only (device map
-    {"cuda": "nccl"}), which has no backend for a CPU tensor. We keep that one backend rather than
-    creating the group as "cpu:gloo,cuda:nccl": a second (gloo) mesh of TCP connections to every
-    rank of a multi-node job, with its own interface settings and failure modes, for a few bytes per
-    step that cost one tiny NCCL kernel and the host sync the isfinite check pays anyway. Every rank
-    with a process group runs it, a one-rank job too, so a one-GPU run executes each collective a
-    multi-GPU run does (and `make gpu-check` catches a tensor on the wrong device).
-    """
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def _inject_nan(spec: tuple, step: int, tries: int, kind: str = "") -> bool:
-    """Test hook (--debug-nan): "3" poisons the loss of the first try of step 3, "5+" every try of
-    step 5; "g3" / "g5+" the same for the gradients only (the loss stays finite)."""
-    return f"{kind}{step}+" in spec or (f"{kind}{step}" in spec and tries == 0)
-
-
 def train(engine, data, cfg: TrainConfig, state: TrainState, log, stop, on_step_end, ema: EMA | None = None) -> str:
     """Run optimizer steps from state.step to cfg.steps. Returns "done" or "stopped" (signal).
 
@@ -191,7 +167,7 @@ def train(engine, data, cfg: TrainConfig, state: TrainState, log, stop, on_step_
     A micro-batch whose loss is non-finite on any rank is dropped on every rank (no backward, no
     step: DeepSpeed's bf16 path has no overflow check of its own) and the next one takes its place;
     `cfg.max_nonfinite` in a row abort the run. Non-finite gradients behind finite losses skip the
-    whole optimizer step the same way (pretrain/nonfinite.py).
+    whole optimizer step the same way (pretrain/train/nonfinite.py).
     """
     device, world = engine.device, cfg.world_size
     telemetry = Telemetry(engine, cfg, world, is_main=engine.global_rank == 0)  # samples/s, MFU, data wait, ...

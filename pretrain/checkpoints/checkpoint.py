@@ -32,6 +32,11 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def ema_path(tag_dir: Path, rank: int) -> Path:
+    """Where rank `rank` writes its EMA teacher values inside a tag (pretrain/train/teacher.py)."""
+    return Path(tag_dir) / f"ema_rank{rank:03d}.pt"
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
@@ -120,7 +125,7 @@ def saved_world_size(tag_dir: Path) -> int | None:
 def resolve_resume(resume: str | None, ckpt_dir: Path, world_size: int, log=print,
                    other_world: bool = False) -> Path | None:
     """Turn --resume into a complete tag directory (or None: start fresh); check the world size
-    (`other_world`: the caller converts a tag of another world size, pretrain/reshard.py).
+    (`other_world`: the caller converts a tag of another world size, pretrain/checkpoints/reshard.py).
 
     Raises CheckpointError with the fix when the checkpoint cannot be loaded by this run.
     """
@@ -185,3 +190,28 @@ def _prune(ckpt_dir: Path, keep: int, current: str) -> None:
     for t in doomed:
         if t.name != current:
             shutil.rmtree(t, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------ reading a tag outside training
+# TrainTask(model, loss, teacher): the loss holds no parameters; the frozen EMA teacher of an ema target
+# source is in the checkpoint too (zero_to_fp32 returns its bf16 weights as "teacher.*") and is never
+# exported: only the student's "model.*" keys are kept.
+PREFIX = "model."
+
+
+def fp32_state_dict(ckpt_dir: Path, tag: str) -> dict:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    return {k[len(PREFIX):]: v for k, v in sd.items() if k.startswith(PREFIX)}
+
+
+def resolve_tag(ckpt_dir: Path, tag: str) -> str:
+    if tag == "latest":
+        found = find_latest(ckpt_dir)
+        if found is None:
+            raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir} (is it RUN/checkpoints?).")
+        return found.name
+    reason = is_complete(ckpt_dir / tag) if (ckpt_dir / tag).is_dir() else f"{ckpt_dir / tag} does not exist"
+    if reason:
+        raise FileNotFoundError(f"--tag {tag}: {reason}.")
+    return tag

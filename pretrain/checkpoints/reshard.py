@@ -19,7 +19,7 @@ true}` in the engine config). Here:
   tensors under ZeRO-0/1/2). They are put back together from all W_old files and cut into this
   rank's partition (`load_ema`). DeepSpeed's universal load skips the frozen teacher; it is
   rewritten from the EMA.
-- Data position: see pretrain/feed.py (`Feed.__init__`): the samples consumed in the current data
+- Data position: see pretrain/train/feed.py (`Feed.__init__`): the samples consumed in the current data
   epoch carry over, rounded down to whole new global micro-batches.
 
 Only a world-size change goes through here: a tag written by the same number of ranks loads as
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import MANIFEST, CheckpointError
+from pretrain.checkpoints.checkpoint import MANIFEST, CheckpointError, ema_path
 
 UNIVERSAL = ".universal"
 SOURCE = "source_manifest.json"
@@ -101,7 +101,6 @@ def prepare(tag_dir: Path | None, saved_world: int | None, world_size: int, is_m
 
 def load_ema(ema, tag_dir: Path, saved_world: int) -> None:
     """Load the EMA state written by `saved_world` ranks into this rank's EMA (any world size)."""
-    from pretrain.teacher import ema_path
     if saved_world == _world(ema):
         ema.load(tag_dir)
         return

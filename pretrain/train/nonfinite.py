@@ -5,11 +5,24 @@ skip a step whose gradient norm is invalid (stage_1_and_2.py / stage3.py `step`)
 through `engine.skipped_steps`, and without ZeRO partitioning nothing stops the update. The trainer
 therefore checks the summed gradients before the step, counts a failure, and skips the step in a way
 DeepSpeed's bookkeeping (micro-step counter, gradient buffers) stays consistent with.
+
+NonFiniteLoss (the abort after --max-nonfinite tries) and the --debug-nan test hook live here too: the
+plain loop (engine.py) and global-batch accumulation (accumulate.py) share them.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+
+class NonFiniteLoss(RuntimeError):
+    """Losses or gradients stayed non-finite for --max-nonfinite tries in a row (pretrain/main.py: exit 3)."""
+
+
+def _inject_nan(spec: tuple, step: int, tries: int, kind: str = "") -> bool:
+    """Test hook (--debug-nan): "3" poisons the loss of the first try of step 3, "5+" every try of
+    step 5; "g3" / "g5+" the same for the gradients only (the loss stays finite)."""
+    return f"{kind}{step}+" in spec or (f"{kind}{step}" in spec and tries == 0)
 
 
 def _local_gradients(engine) -> list[torch.Tensor]:
@@ -50,7 +63,6 @@ def skip_step(engine) -> None:
     then sees a zero norm) and the optimizer's step is a no-op for this one call (its moments and
     step count untouched, as in a skipped step).
     """
-    from pretrain.engine import NonFiniteLoss
     if engine.zero_optimization_stage() == 0:
         for p in engine.module.parameters():
             if p.grad is not None:
@@ -73,7 +85,6 @@ def skip_nonfinite_step(engine, state, tries: int, bound: int) -> None:
     """Skip the optimizer step whose gradients are non-finite (every rank), count it in
     state.nonfinite_grad_total, and abort once `tries` (this step's failed tries, this one included)
     reaches `bound` (--max-nonfinite). Used by the plain loop and by global-batch accumulation."""
-    from pretrain.engine import NonFiniteLoss
     skip_step(engine)
     state.nonfinite_grad_total += 1
     if tries >= bound:

@@ -9,51 +9,33 @@ the embedded data; choose --train-num-samples so that an epoch is a few thousand
 """
 from __future__ import annotations
 
-import atexit
-import signal
+from dataclasses import dataclass, fields
 
 import torch
 
 from data.tario import DataError
-from pretrain.config import TrainConfig
-from pretrain.failfast import end_worker_processes
-from pretrain.signals import STOP_SIGNALS
+from pretrain.runtime.workers import iterate
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    # Slurm (and the deepspeed launcher's terminate_process_tree) signal every process of a step,
-    # DataLoader workers included. torch's worker SIGTERM handler makes a worker die on it, and the
-    # rank's SIGCHLD handler then raises "DataLoader worker ... killed by signal" at a random point
-    # of the step, before the checkpoint the signal asked for. Workers leave the signals to their
-    # rank, which stops after the step, checkpoints and closes the loader (measured, torch 2.14).
-    # The price: multiprocessing's exit hook stops daemonic children with SIGTERM and then waits for
-    # them, forever when they ignore it (issue 13: an exception escaping the loop hung the rank).
-    # iterate() therefore registers end_worker_processes (SIGKILL) to run before that hook.
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+@dataclass(frozen=True)
+class FeedOptions:
+    """The part of the run config the feed reads. A TrainConfig has every field too, so `Feed(cfg, ...)`
+    works as well; FeedOptions lets a script or a test build a feed without a whole run config."""
+    train_data: str                      # shard spec, as --train-data
+    micro_batch: int                     # samples per rank per batch
+    workers: int                         # DataLoader processes per rank
+    data_sampling: str = "resampled"     # or "epochs" (data.make_train_loader(resampled=...))
+    train_num_samples: int | None = None
+    fine_members: tuple[str, ...] = ()   # precomputed target features to load ("fine_txt", "fine_img")
+    debug_data_error: str = ""           # fault injection for tests: "RANK@N"
 
-
-_exit_hook_registered = False
-
-
-def iterate(loader):
-    """Iterate a data.Loader with signal-safe workers (same DataLoader settings as Loader.__iter__)."""
-    global _exit_hook_registered
-    workers = loader.num_workers
-    if workers > 0 and not _exit_hook_registered:
-        # atexit runs hooks last-registered first: this one runs before multiprocessing's (imported
-        # long before), so by then no worker is left for it to wait on.
-        atexit.register(end_worker_processes)
-        _exit_hook_registered = True
-    dl = torch.utils.data.DataLoader(
-        loader.dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=loader.pin_memory,
-        persistent_workers=False, prefetch_factor=loader.prefetch_factor if workers > 0 else None,
-        worker_init_fn=_ignore_stop_signals if workers > 0 else None)
-    yield from dl
+    @classmethod
+    def of(cls, cfg) -> "FeedOptions":
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
 
 class Feed:
-    def __init__(self, cfg: TrainConfig, env, tokenizer, model_cfg, state):
+    def __init__(self, cfg: FeedOptions, env, tokenizer, model_cfg, state):
         from data import make_train_loader
         v = model_cfg.vision
         self.state = state
@@ -71,12 +53,12 @@ class Feed:
         self._it = None
         self._position(cfg, env)
 
-    def _position(self, cfg: TrainConfig, env) -> None:
+    def _position(self, cfg: FeedOptions, env) -> None:
         """Re-create the saved epoch and skip what it consumed."""
         state = self.state
         per_batch, skip = cfg.micro_batch * env.world_size, state.data_batches
         if state.data_batch_samples and state.data_batch_samples != per_batch:
-            # resumed at another world size (pretrain/reshard.py): the samples this epoch has consumed carry
+            # resumed at another world size (pretrain/checkpoints/reshard.py): the samples this epoch has consumed carry
             # over, rounded down to whole batches of the new size, so the position moves back by less
             # than micro x world samples and never forward
             skip = state.data_batches * state.data_batch_samples // per_batch

@@ -1,15 +1,16 @@
 """Checks that used to fail late, after the engine was built and the run directory written to.
 
 Each is a configuration error (exit 2, one sentence naming the value and the fix), so it runs in
-validation (pretrain.validate.check_data_and_model), before anything is written to the run
+validation (pretrain.settings.validate.check_data_and_model), before anything is written to the run
 directory (issue 12, "late errors"; issue 13, "a refused resume damages the run directory"):
 
 * --resume: the tag it resolves to exists, is complete (its complete.json lists files that are all
   present with their sizes). A run directory is accepted as "the latest complete tag of that run".
-  A tag written by another number of ranks is accepted: the trainer converts it (pretrain/reshard.py).
+  A tag written by another number of ranks is accepted: the trainer converts it (pretrain/checkpoints/reshard.py).
 * the number of training samples: --train-num-samples, or sizes.json / img2dataset *_stats.json
   beside the shards that count more than 0 samples.
-* the embedded evaluation sets the defaults (and both Slurm training scripts) ask for are built.
+The embedded evaluation sets that the defaults (and both Slurm training scripts) ask for are checked with
+the other evaluation flags (pretrain/evaluate/specs.py).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 
 def check_resume(resume: str | None, output_dir: str, world_size: int, problems: list[str]) -> None:
-    from pretrain.checkpoint import CheckpointError, resolve_resume
+    from pretrain.checkpoints.checkpoint import CheckpointError, resolve_resume
     if resume is None:
         return
     try:
@@ -41,14 +42,3 @@ def check_sample_count(urls: list[str], num_samples, problems: list[str]) -> Non
         problems.append(f"--train-data: the shards' size files count 0 samples in all {len(urls)} shards "
                         f"(e.g. {urls[0]}); point --train-data at shards that hold samples, or fix "
                         f"sizes.json if the count is wrong.")
-
-
-def check_embedded_eval(flag: str, value: str, problems: list[str]) -> None:
-    """`embedded` (the default) needs the embedded build in data/embedded/shards."""
-    if value != "embedded":
-        return
-    from data.embedded.build import DEFAULT_OUT
-    if not (Path(DEFAULT_OUT) / "manifest.json").is_file():
-        problems.append(f"--{flag.replace('_', '-')} embedded: the embedded evaluation sets are not built "
-                        f"({DEFAULT_OUT} has no manifest.json); run `python -m data.embedded` once, or pass "
-                        f"--{flag.replace('_', '-')} none or your own data.")

@@ -63,7 +63,7 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequen
 
 # ----------------------------------------------------------------------------------- lockstep
 # Every rank with a process group runs these collectives, a one-rank job too: a one-GPU run must
-# execute each collective of a multi-GPU run (pretrain/engine.py `_sum_over_ranks` says why).
+# execute each collective of a multi-GPU run (pretrain/train/engine.py `_sum_over_ranks` says why).
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -188,8 +188,3 @@ def retrieval_captions(model, tokenizer, loader, device, model_config) -> dict:
     return {**retrieval_recall(image, text, image_of_text=image_of_text), "n": int(image.shape[0]),
             "n_texts": int(text.shape[0])}
 
-
-if __name__ == "__main__":  # python -m pretrain.evaluate: the command line lives in pretrain/eval_cli.py
-    import sys
-    from pretrain.eval_cli import main
-    sys.exit(main())

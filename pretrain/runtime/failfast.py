@@ -46,7 +46,7 @@ ACK_WAIT_S = 10.0  # how long the failing rank waits for its peers to see the fa
 def end_worker_processes() -> None:
     """SIGKILL this process's multiprocessing children (DataLoader workers) and reap them.
 
-    DataLoader workers ignore SIGTERM (pretrain/feed.py), so multiprocessing's own exit hook, which
+    DataLoader workers ignore SIGTERM (pretrain/train/feed.py), so multiprocessing's own exit hook, which
     terminates daemonic children with SIGTERM and then joins them, would wait forever. The caller is
     exiting, so the workers' pending batches are of no use. Rank 0's workers must go with it for a
     second reason: forked from it, they hold the store server's sockets open, and a peer's store

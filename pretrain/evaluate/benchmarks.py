@@ -23,7 +23,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parent.parent / "data" / "imagenet"
+DATA = Path(__file__).resolve().parents[2] / "data" / "imagenet"
 IMAGENET_PREFIX = re.compile(r"^(imagenet(?:-[\w.]+)?):(.+)$")
 CLIP_BENCHMARK = "clip_benchmark:"
 IMAGE_FILES = (".jpg", ".jpeg", ".png", ".webp", ".JPEG")
@@ -71,7 +71,7 @@ def _class_folders(root: Path) -> list[str]:
 
 def imagenet_set(spec: str, kind: str):
     """The EvalSet of an `imagenet[-x]:PATH` spec; ValueError naming the problem and the fix."""
-    from pretrain.evalsets import EvalSet
+    from pretrain.evaluate.evalset import EvalSet
     name, path = IMAGENET_PREFIX.match(spec).groups()
     if kind != "zeroshot":
         raise ValueError(f"{spec}: ImageNet is a classification set; pass it to --zeroshot-data.")
@@ -93,7 +93,7 @@ def imagenet_set(spec: str, kind: str):
                 raise ValueError(f"{spec}: folder {root / f} is neither an ImageNet WordNet id (n01440764) "
                                  f"nor a class index 0..999; remove it or point at the class folders' parent.")
         return EvalSet("zeroshot", name, str(root), tuple(names), imagenet_templates())
-    from pretrain.validate import expand_shards
+    from data.shards import expand_shards
     urls = expand_shards(path)
     if not urls or not all(Path(u).is_file() for u in urls):
         raise ValueError(f"{spec}: {path} is neither a folder of class folders (n01440764/, ...) nor shards with "
@@ -123,7 +123,7 @@ def _wds_dirs(root: Path, names: list[str]) -> list[Path]:
 
 def clip_benchmark_sets(spec: str, kind: str) -> list:
     """EvalSets of the `kind` ("zeroshot" or "retrieval") among the clip_benchmark folders of `spec`."""
-    from pretrain.evalsets import EvalSet
+    from pretrain.evaluate.evalset import EvalSet
     rest = spec[len(CLIP_BENCHMARK):]
     root, _, names = rest.partition(":") if not Path(rest).exists() else (rest, "", "")
     sets = []
@@ -149,7 +149,7 @@ def clip_benchmark_sets(spec: str, kind: str) -> list:
 
 
 def _default_templates() -> tuple:
-    from pretrain.evaluate import DEFAULT_TEMPLATES
+    from pretrain.evaluate.metrics import DEFAULT_TEMPLATES
     return DEFAULT_TEMPLATES
 
 
@@ -158,7 +158,7 @@ def benchmark_sets(spec: str, kind: str) -> list:
 
 
 def check_spec(flag: str, value: str) -> list[str]:
-    """Problems with a benchmark part of --zeroshot-data/--retrieval-data (for pretrain/validate.py)."""
+    """Problems with a benchmark part of --zeroshot-data/--retrieval-data (for pretrain/settings/validate.py)."""
     kind = "zeroshot" if flag == "zeroshot_data" else "retrieval"
     problems = []
     for spec in split_specs(value):
