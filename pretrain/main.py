@@ -26,8 +26,11 @@ from pretrain.signals import EXIT_CONFIG, EXIT_PREEMPTED, StopFlag
 EXIT_NONFINITE = 3
 
 
-def init_distributed(env: pdist.DistEnv, cuda: bool) -> None:
+def init_distributed(env: pdist.DistEnv, cuda: bool, tf32: bool = True) -> None:
     import deepspeed
+
+    from pretrain.precision import set_tf32
+    set_tf32(tf32)  # before any CUDA work; CPU kernels ignore it (pretrain/precision.py says why it is on)
     env.export_torch_env()
     if not cuda:
         # DeepSpeed's CPU backend compiles a shared-memory all-reduce op at init (~66 s cold on
@@ -204,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     # From here on SIGUSR1/SIGTERM only set a flag: a signal during start-up is acted on after the
     # first step (checkpoint, EXIT_PREEMPTED) instead of killing the rank with no exit code to requeue on.
     stop = StopFlag().install()
-    init_distributed(env, cuda=torch.cuda.is_available())
+    init_distributed(env, cuda=torch.cuda.is_available(), tf32=cfg.tf32)
     log = RunLog(cfg.output_dir, enabled=env.is_main, report_to=cfg.report_to, total_steps=cfg.steps,
                  wandb_project=cfg.wandb_project, run_config=cfg.to_dict())
     if env.is_main:
