@@ -45,7 +45,7 @@ class TrainConfig:
     soft_standardize: bool         # per-row standardisation of F before the temperature
     soft_topk: int | None          # restrict S to each row's k nearest columns (None: all N)
     soft_warmup_steps: int         # alpha and beta ramp linearly from 0 over these steps
-    similarity_dtype: str          # block matmul of the target similarity: auto, fp32, fp16, bf16 (losses/precision.py)
+    similarity_dtype: str          # matmul of the target similarity: auto, fp32, fp16, bf16 (losses/precision.py)
     soft_image_source: str         # where image token features for the targets come from:
     soft_text_source: str          #   "online" (the model's own), "precomputed" (shards), "ema" (teacher)
     ema_decay: float               # EMA teacher: ema = d * ema + (1 - d) * student after each step
