@@ -13,6 +13,11 @@ printed as skipped with the estimate, and memory scaling is measured at a fixed 
 batch b (rank 0 of W = N / b simulated ranks, gathered columns given), the regime of a
 large multi-node run.
 
+Similarity per dtype (--parts similarity, bench/similarity.py): the soft-target similarity at detector
+shapes in fp32, TF32, fp16 and bf16 beside a ViT-L/14 step; prints one SIMILARITY_JSON line.
+    .venv/bin/python bench/loss.py --device cuda --parts similarity      # b=128, N=32,768
+    .venv/bin/python bench/loss.py --parts similarity                    # CPU, b=8, N=128
+
 Detector shapes (--parts detector): the per-rank peak of the precomputed-target path (gather +
 fine-grained similarity) with K = 36 regions of d = 2048 per sample, the paper's setting, at
 per-rank batch b as N grows; beside it the path as it was before (features shipped in fp32, a
@@ -32,6 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from bench import similarity  # noqa: E402
 
 D, K, M = 512, 4, 16
 
@@ -238,17 +245,13 @@ def detector_memory(device, b, sizes, threads):
 def _detector_worker(device, b, N, variant, threads, queue):
     """Rank 0 of W = N / b. `others` stands for what the other ranks send (not counted: it lives
     on their devices); what the gather allocates here and everything after it is counted."""
+    from bench.similarity import detector_features
     from losses import fine_similarity
     from losses.softclip import _fill_invalid
 
     torch.set_num_threads(threads)
-    g = torch.Generator(device=device).manual_seed(0)     # drawn where it lives: 2.4 G values at N=32,768
-    others = torch.empty(N, DETECTOR_K, DETECTOR_D, dtype=torch.float16, device=device)
-    for j in range(0, N, 1024):          # filled in blocks: a whole fp32 randn would set the peak
-        c = min(1024, N - j)
-        others[j:j + c] = F.normalize(torch.randn(c, DETECTOR_K, DETECTOR_D, generator=g, device=device), dim=-1)
-    mask_all = torch.rand(N, DETECTOR_K, generator=g, device=device) > 0.2
-    mask_all[:, 0] = True
+    # drawn where they live (2.4 G values at N=32,768), in blocks: a whole fp32 randn would set the peak
+    others, mask_all = detector_features(N, DETECTOR_K, DETECTOR_D, device)
     rows, row_mask = others[:b].clone(), mask_all[:b].clone()        # this rank's batch, fp16 as shipped
     if device == "cuda":
         torch.cuda.synchronize()
@@ -278,20 +281,25 @@ def main():
     ap.add_argument("--softclip-budget-s", type=float, default=90.0,
                     help="skip SoftCLIP cases estimated to take longer than this per call")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--parts", default="timing,fixed_b,detector",
-                    help="comma-separated subset of timing, fixed_b, detector")
+    ap.add_argument("--parts", default="similarity,timing,fixed_b,detector",
+                    help="comma-separated subset of similarity, timing, fixed_b, detector")
     ap.add_argument("--detector-b", type=int, default=None,
                     help="per-rank batch of the detector-shape case (default 128 on cuda, 32 on cpu)")
     ap.add_argument("--detector-sizes", type=int, nargs="+", default=None,
                     help="global batches N of the detector-shape case (default 4096..32768 on cuda, "
                          "512..2048 on cpu)")
+    similarity.add_arguments(ap)
     args = ap.parse_args()
     parts = set(args.parts.split(","))
-    if parts - {"timing", "fixed_b", "detector"}:
-        ap.error(f"--parts {args.parts!r}: choose from timing, fixed_b, detector")
+    if parts - {"similarity", "timing", "fixed_b", "detector"}:
+        ap.error(f"--parts {args.parts!r}: choose from similarity, timing, fixed_b, detector")
     threads = torch.get_num_threads()
     print(f"# bench/loss.py on {args.device}, {threads} threads, torch {torch.__version__}")
     print(f"# command: {' '.join(sys.argv)}\n")
+
+    if "similarity" in parts:
+        similarity.run(args)
+        print()
 
     if "detector" in parts:
         cuda = args.device == "cuda"

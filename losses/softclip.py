@@ -10,7 +10,8 @@ With L2-normalised embeddings v_i, t_i and the (exponentiated) logit scale s:
            distributions renormalised over the negatives: "disentangled negatives")
   L      = L_soft + β L_neg
 
-α = β = 0 is exactly CLIP's InfoNCE. Arithmetic is fp32 whatever the input dtype.
+α = β = 0 is exactly CLIP's InfoNCE. Arithmetic is fp32 whatever the input dtype, except the
+block matmul of F, which may run in fp16/bf16 with fp32 sums (``similarity_dtype``, losses/precision.py).
 Across ranks each rank scores its own b rows against all N gathered columns; the
 positive of local row i is column ``offset + i``.
 """
@@ -20,6 +21,7 @@ from torch import nn
 
 from .clip import at_least_fp32, check_embeddings, clip_logits
 from .distributed import all_gather_no_grad, check_gather_mode, gather_embeddings
+from .precision import block_matmul, check_similarity_dtype, similarity_matmul_dtype
 
 SOFT_SOURCES = ("image", "text", "both")
 
@@ -47,7 +49,8 @@ def _fill_invalid(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fine_similarity(x, mask=None, x_all=None, mask_all=None, chunk_bytes: int = 256 << 20):
+def fine_similarity(x, mask=None, x_all=None, mask_all=None, chunk_bytes: int = 256 << 20,
+                    matmul_dtype: torch.dtype | None = None):
     """Late-interaction similarity between token sets, f(i, j) for rows i of ``x``, columns j of ``x_all``.
 
     f(i,j) = ½ ( mean_{k valid in i} max_{m valid in j} x_ik·x_jm
@@ -57,8 +60,10 @@ def fine_similarity(x, mask=None, x_all=None, mask_all=None, chunk_bytes: int = 
         x: [n, K, D] token features of the rows; mask: [n, K] bool validity (None = all valid).
         x_all, mask_all: [N, M, D] and [N, M] for the columns; default to ``x`` and ``mask``.
         chunk_bytes: bound on the working memory of one block of c columns (the [n, K, c, M]
-            similarity and the block filled and upcast to fp32). ``x_all`` may be fp16/bf16
+            similarity and the block filled and cast for the matmul). ``x_all`` may be fp16/bf16
             (gathered precomputed features): it is read a block at a time, never copied whole.
+        matmul_dtype: dtype of the block matmul and its max-reductions (fp16/bf16: fp32 sums, see
+            losses/precision.py); None: fp32 (fp64 stays fp64). The means run in fp32 either way.
     Returns:
         [n, N] fp32 tensor. For L2-normalised features f(i, i) = 1, each row's maximum.
     """
@@ -71,30 +76,32 @@ def fine_similarity(x, mask=None, x_all=None, mask_all=None, chunk_bytes: int = 
     mask_all = _valid_mask(x_all, mask_all, "mask_all")
     (n, K, D), (N, M, _) = x.shape, x_all.shape
     dtype = at_least_fp32(x).dtype                      # fp32 for half inputs (fp64 stays fp64)
+    mm_dtype = matmul_dtype or dtype
 
     # Masking without a masking pass: each invalid token is replaced by a copy of a valid
     # token of the same sample. A max over a sample's tokens is then unchanged (duplicates
     # cannot raise it), so one plain matmul and two plain max-reductions give the masked
     # maxima exactly; the means below give the copies weight 0. (Folding the masks in as
     # two extra coordinates of D also works, but the odd width D+2 halved the matmul rate.)
-    rows = _fill_invalid(x.to(dtype), mask).reshape(n * K, D)
+    rows = _fill_invalid(x.to(mm_dtype), mask).reshape(n * K, D)
     w_rows = mask.to(dtype) / mask.sum(1, keepdim=True)          # [n, K] weights of the mean over k
     w_cols = mask_all.to(dtype) / mask_all.sum(1, keepdim=True)  # [N, M] weights of the mean over m
 
     # The N columns stay in their own (gathered, often fp16) dtype: only the block of c columns in
-    # use is upcast and filled, so nothing of size N x M x D is copied and the working memory is
-    # bounded by chunk_bytes whatever N is (both the [n, K, c, M] similarity and the c columns).
+    # use is filled and cast to mm_dtype, so nothing of size N x M x D is copied and the working
+    # memory is bounded by chunk_bytes whatever N is (both the [n, K, c, M] similarity and the c
+    # columns). Sized for an fp32 block: a half one takes half that.
     out = torch.empty(n, N, dtype=dtype, device=x.device)
     itemsize = torch.finfo(dtype).bits // 8
     per_column = itemsize * n * K * M + (itemsize + x_all.element_size()) * M * D   # similarity + filled block
     step = max(1, chunk_bytes // per_column)
     for j in range(0, N, step):
         c = min(step, N - j)
-        # filled in the stored dtype, then upcast: one half-size temporary, not a second fp32 copy
-        cols = _fill_invalid(x_all[j:j + c], mask_all[j:j + c]).to(dtype)      # [c, M, D]
-        sim = (rows @ cols.reshape(c * M, D).T).view(n, K, c, M)
-        best_in_j = sim.amax(dim=3)                              # [n, K, c]: each token of i
-        best_in_i = sim.amax(dim=1)                              # [n, c, M]: each token of j
+        # filled in the stored dtype, then cast: one half-size temporary, not a second fp32 copy
+        cols = _fill_invalid(x_all[j:j + c], mask_all[j:j + c]).to(mm_dtype)   # [c, M, D]
+        sim = block_matmul(rows, cols.reshape(c * M, D)).view(n, K, c, M)
+        best_in_j = sim.amax(dim=3).to(dtype)                    # [n, K, c]: each token of i
+        best_in_i = sim.amax(dim=1).to(dtype)                    # [n, c, M]: each token of j
         out[:, j:j + c] = 0.5 * (torch.einsum("nkc,nk->nc", best_in_j, w_rows)
                                  + torch.einsum("ncm,cm->nc", best_in_i, w_cols[j:j + c]))
     return out
@@ -185,12 +192,15 @@ class SoftCLIPLoss(nn.Module):
         topk: restrict S to each row's k nearest columns (None: all N, as in the paper).
         warmup_steps: ramp α and β linearly from 0 over this many steps (forward's ``step``),
             so that targets from immature features do not steer the start of training.
+        similarity_dtype: "auto", "fp32", "fp16" or "bf16": the dtype of F's block matmul (fp32
+            sums; the means, S and the loss stay fp32). auto: the token features' own dtype on
+            CUDA, fp32 on CPU (losses/precision.py). Targets only: gradients take no other path.
         local_loss, gather_with_grad, rank, world_size: as for :class:`losses.ClipLoss`.
     """
 
     def __init__(self, alpha: float = 0.2, beta: float = 0.0, soft_temperature: float = 0.1,
                  soft_source: str = "both", standardize: bool = False, topk: int | None = None,
-                 warmup_steps: int = 0, local_loss: bool = True,
+                 warmup_steps: int = 0, similarity_dtype: str = "auto", local_loss: bool = True,
                  gather_with_grad: bool = True, rank: int = 0, world_size: int = 1):
         super().__init__()
         if soft_source not in SOFT_SOURCES:
@@ -210,6 +220,7 @@ class SoftCLIPLoss(nn.Module):
         self.alpha, self.beta, self.soft_temperature = alpha, beta, soft_temperature
         self.soft_source, self.standardize, self.topk = soft_source, standardize, topk
         self.warmup_steps = warmup_steps
+        self.similarity_dtype = check_similarity_dtype(similarity_dtype)
         self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
         self.rank, self.world_size = rank, world_size
 
@@ -265,6 +276,7 @@ class SoftCLIPLoss(nn.Module):
         mask = _valid_mask(tokens, mask, mask_name)      # check locally, before any collective
         all_tokens = all_gather_no_grad(tokens, self.world_size)
         all_mask = all_gather_no_grad(mask, self.world_size)
+        matmul_dtype = similarity_matmul_dtype(self.similarity_dtype, all_tokens)
         if self.local_loss:
-            return fine_similarity(tokens, mask, all_tokens, all_mask)
-        return fine_similarity(all_tokens, all_mask)
+            return fine_similarity(tokens, mask, all_tokens, all_mask, matmul_dtype=matmul_dtype)
+        return fine_similarity(all_tokens, all_mask, matmul_dtype=matmul_dtype)

@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     # From here on SIGUSR1/SIGTERM only set a flag: a signal during start-up is acted on after the
     # first step (checkpoint, EXIT_PREEMPTED) instead of killing the rank with no exit code to requeue on.
     stop = StopFlag().install()
-    init_distributed(env, cuda=torch.cuda.is_available())
+    init_distributed(env, cuda=torch.cuda.is_available(), tf32=cfg.tf32)
     log = RunLog(cfg.output_dir, enabled=env.is_main, report_to=cfg.report_to, total_steps=cfg.steps,
                  wandb_project=cfg.wandb_project, run_config=cfg.to_dict())
     if env.is_main:

@@ -11,10 +11,13 @@ import torch
 import torch.distributed as dist
 
 from pretrain.runtime.dist import DistEnv
+from pretrain.runtime.precision import set_tf32
 
 
-def init_distributed(env: DistEnv, cuda: bool) -> None:
+def init_distributed(env: DistEnv, cuda: bool, tf32: bool = True) -> None:
     import deepspeed
+
+    set_tf32(tf32)  # before any CUDA work; CPU kernels ignore it (pretrain/runtime/precision.py says why it is on)
     env.export_torch_env()
     if not cuda:
         # DeepSpeed's CPU backend compiles a shared-memory all-reduce op at init (~66 s cold on

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.fine import FINE_MEMBER
+from losses.precision import SIMILARITY_DTYPES
 from pretrain.runtime.dist import DistEnv
 from pretrain.settings import schedule
 from pretrain.settings.validate import (TARGET_SOURCES, check_data_and_model, check_ds_config, check_target_sources,
@@ -45,11 +46,13 @@ class TrainConfig:
     soft_standardize: bool         # per-row standardisation of F before the temperature
     soft_topk: int | None          # restrict S to each row's k nearest columns (None: all N)
     soft_warmup_steps: int         # alpha and beta ramp linearly from 0 over these steps
+    similarity_dtype: str          # matmul of the target similarity: auto, fp32, fp16, bf16 (losses/precision.py)
     soft_image_source: str         # where image token features for the targets come from:
     soft_text_source: str          #   "online" (the model's own), "precomputed" (shards), "ema" (teacher)
     ema_decay: float               # EMA teacher: ema = d * ema + (1 - d) * student after each step
     grad_checkpointing: bool
     zero_init: bool                # build the model inside deepspeed.zero.Init (partitioned at birth)
+    tf32: bool                     # TF32 for fp32 CUDA matmuls / convolutions (pretrain/runtime/precision.py)
     # data
     train_data: str                # webdataset shard pattern, e.g. ".../{00000..01242}.tar"
     train_num_samples: int | None  # samples per epoch, needed only for epoch units
@@ -129,7 +132,7 @@ DEFAULTS = dict(
     # beta 0, not the paper's 1: chosen by bench/reproduce.py's ablation (README, "Reproduction")
     model="tiny", loss="softclip", alpha=0.2, beta=0.0, soft_temperature=0.1, soft_source="both",
     soft_standardize=False, soft_topk=None, soft_warmup="0", soft_image_source="online",
-    soft_text_source="online", ema_decay=0.999,
+    soft_text_source="online", ema_decay=0.999, similarity_dtype="auto", tf32=True,
     grad_checkpointing=False, zero_init=False, train_data=None, train_num_samples=None, data_sampling="resampled",
     tokenizer="data/embedded/tokenizer", workers=2, seed=0, zeroshot_data="embedded",
     retrieval_data="embedded", eval_batch_size=256, steps=1000, warmup="5%", save_every="10%",
@@ -138,7 +141,7 @@ DEFAULTS = dict(
     report_to="jsonl", wandb_project="softclip", max_nonfinite=5, debug_nan="",
     debug_data_error="", deepspeed_config=None)
 SOFT_OPTIONS = ("alpha", "beta", "soft_temperature", "soft_source", "soft_standardize", "soft_topk",
-                "soft_warmup", "soft_image_source", "soft_text_source", "ema_decay")
+                "soft_warmup", "soft_image_source", "soft_text_source", "ema_decay", "similarity_dtype")
 DATA_SAMPLING = ("resampled", "epochs")  # data.make_train_loader(resampled=True / False)
 DEFAULT_LR = 5e-4
 
@@ -160,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
           help=f"{m} token features behind the soft targets: online (the model's own, default), precomputed "
                f"(the shards' {members}.npy members, see data/fine.py) or ema (an EMA teacher's)")
     a("--ema-decay", type=float, help="decay of the EMA teacher (default 0.999), in [0, 1)")
+    a("--similarity-dtype", choices=list(SIMILARITY_DTYPES),
+      help="dtype of the soft-target similarity's block matmul, summed in fp32: auto (default: the token "
+           "features' own dtype on CUDA, fp16 for precomputed ones; fp32 on CPU), fp32, fp16 or bf16")
+    a("--tf32", action=argparse.BooleanOptionalAction,
+      help="TF32 for the fp32 matmuls and convolutions on GPU (default on, as open_clip; --no-tf32: IEEE fp32)")
     a("--grad-checkpointing", action="store_true")
     a("--zero-init", action="store_true", help="build the model partitioned (ZeRO-3, very large models)")
     a("--train-data", help="webdataset shards: a brace pattern, a directory of .tar files or a list with '::'")
@@ -256,6 +264,12 @@ def build_config(argv: list[str] | None, env: DistEnv, cuda: bool, check_files: 
     need(raw["soft_topk"] is None or int(raw["soft_topk"]) >= 2, f"--soft-topk {raw['soft_topk']} must be >= 2.")
     need(raw["soft_source"] in ("image", "text", "both"),
          f"--soft-source {raw['soft_source']!r} must be image, text or both.")
+    need(raw["similarity_dtype"] in SIMILARITY_DTYPES,
+         f"--similarity-dtype {raw['similarity_dtype']!r} must be one of {', '.join(SIMILARITY_DTYPES)}.")
+    need(isinstance(raw["tf32"], bool), f"tf32: {raw['tf32']!r} must be true or false (--tf32 / --no-tf32).")
+    if cuda:
+        derived.append(f"TF32 {'on' if raw['tf32'] is True else 'off'} for fp32 matmuls and convolutions; "
+                       f"soft-target similarity matmul: {raw['similarity_dtype']}")
     check_target_sources(raw, explicit, problems)
     need(raw["data_sampling"] in DATA_SAMPLING,
          f"--data-sampling {raw['data_sampling']!r} must be one of {', '.join(DATA_SAMPLING)}.")
@@ -337,6 +351,7 @@ def build_config(argv: list[str] | None, env: DistEnv, cuda: bool, check_files: 
         soft_temperature=float(raw["soft_temperature"]), soft_source=raw["soft_source"],
         soft_standardize=bool(raw["soft_standardize"]),
         soft_topk=None if raw["soft_topk"] is None else int(raw["soft_topk"]), soft_warmup_steps=soft_warmup,
+        similarity_dtype=str(raw["similarity_dtype"]), tf32=bool(raw["tf32"]),
         soft_image_source=str(raw["soft_image_source"]), soft_text_source=str(raw["soft_text_source"]),
         ema_decay=float(raw["ema_decay"]),
         grad_checkpointing=bool(raw["grad_checkpointing"]), zero_init=bool(raw["zero_init"]),

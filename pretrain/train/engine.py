@@ -109,7 +109,8 @@ def build_loss(cfg: TrainConfig, rank: int, world_size: int) -> nn.Module:
         return ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
     return SoftCLIPLoss(alpha=cfg.alpha, beta=cfg.beta, soft_temperature=cfg.soft_temperature,
                         soft_source=cfg.soft_source, standardize=cfg.soft_standardize, topk=cfg.soft_topk,
-                        warmup_steps=cfg.soft_warmup_steps, local_loss=True, gather_with_grad=True,
+                        warmup_steps=cfg.soft_warmup_steps, similarity_dtype=cfg.similarity_dtype,
+                        local_loss=True, gather_with_grad=True,
                         rank=rank, world_size=world_size)
 
 
