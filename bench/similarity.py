@@ -7,14 +7,14 @@ beside a ViT-L/14 training step on the same images. Run through bench/loss.py:
 One rank's work at the paper's shapes: its b rows of K = 36 regions (d = 2048, stored fp16 as
 precomputed features are) against all N gathered columns, 2·b·N·K²·d FLOPs (22.3 TFLOP at
 b = 128, N = 32,768), against 67.3 TFLOP for a ViT-L/14 step on the same 128 images
-(pretrain.telemetry.train_flops: 0.53 TFLOP per image, forward and backward). Each dtype is what
+(pretrain.observe.telemetry.train_flops: 0.53 TFLOP per image, forward and backward). Each dtype is what
 SoftCLIPLoss(similarity_dtype=...) runs: fp32 IEEE, fp32 with TF32 (--tf32, the trainer's default
 on GPUs), fp16 (what auto picks for fp16 features), bf16. On CPU the half dtypes run as fp32
 matmuls rounded to half (losses/precision.py), so their CPU times say nothing of a GPU's.
 
 The ViT-L/14 step time is bench/model.py's measurement when --model-json names its --json output
 (ViT-L-14, no checkpointing, scaled to b images), else an estimate at 40% MFU (the gpu-check target)
-of the device's bf16 peak (pretrain.telemetry.PEAK_TFLOPS), else unknown (CPU). If the N columns do
+of the device's bf16 peak (pretrain.observe.telemetry.PEAK_TFLOPS), else unknown (CPU). If the N columns do
 not fit in device memory, N is halved until they do; the figures say which N ran.
 
 Output: a markdown table, and one line `SIMILARITY_JSON {...}` (the same object is written to
@@ -54,7 +54,7 @@ def similarity_tflop(b: int, N: int, k: int, d: int) -> float:
 def vit_l14_step(device: str, images: int, model_json: str | None) -> dict:
     """{"images", "tflop", "step_s" (None if unknown), "source"} of a ViT-L/14 training step."""
     from models import get_model_config
-    from pretrain.telemetry import peak_tflops, train_flops
+    from pretrain.observe.telemetry import peak_tflops, train_flops
     tflop = train_flops(get_model_config("ViT-L-14"), images) / 1e12
     out = {"images": images, "tflop": round(tflop, 2), "step_s": None, "source": "unknown on this device"}
     if model_json:

@@ -177,7 +177,7 @@ def write_train(samples: list[dict], out: Path, size: int) -> dict[str, int]:
 
 
 def write_eval(samples: list[dict], folder: Path) -> None:
-    """One clip_benchmark classification set (pretrain/benchmarks.py reads it as `clip_benchmark:`)."""
+    """One clip_benchmark classification set (pretrain/evaluate/benchmarks.py reads it as `clip_benchmark:`)."""
     with ShardWriter(folder / "test", shard_size=max(1, len(samples)), shard_digits=1) as writer:
         for p in sorted(samples, key=lambda p: (p["label"], p["hash"])):
             writer.write({"png": p["png"], "cls": p["label"], "txt": p["caption"], "json": _record(p)})

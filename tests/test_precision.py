@@ -163,8 +163,8 @@ def tf32_flags():
 
 
 def _config(tmp_path, *extra, yaml_text=None):
-    from pretrain.config import build_config
-    from pretrain.dist import from_environ
+    from pretrain.settings.config import build_config
+    from pretrain.runtime.dist import from_environ
     argv = ["--train-data", "unused", "--output-dir", str(tmp_path / "run"), "--micro-batch", "2", *extra]
     if yaml_text is not None:
         (tmp_path / "run.yaml").write_text(yaml_text)
@@ -205,8 +205,8 @@ def test_tf32_is_set_from_the_config_where_the_device_is_set_up(tmp_path, monkey
 
 
 def test_similarity_dtype_reaches_the_loss_and_is_checked(tmp_path):
-    from pretrain.config import ConfigError
-    from pretrain.engine import build_loss
+    from pretrain.settings.config import ConfigError
+    from pretrain.train.engine import build_loss
     assert build_loss(_config(tmp_path), 0, 1).similarity_dtype == "auto"
     cfg = _config(tmp_path, "--similarity-dtype", "bf16")
     assert cfg.similarity_dtype == "bf16" and build_loss(cfg, 0, 1).similarity_dtype == "bf16"

@@ -163,7 +163,7 @@ def test_captions_come_from_each_files_metadata(built):
 @needs_rsvg
 def test_the_trainers_readers_accept_the_build(built):
     _, _, out, manifest = built
-    from pretrain.evalsets import resolve
+    from pretrain.evaluate.evalsets import resolve
     flags = O.trainer_flags(out)
     tok = Tokenizer.load(flags["--tokenizer"])
     shards = ShardSet.from_data(flags["--train-data"])
