@@ -8,6 +8,7 @@ and captions of the embedded data; its zero-shot top-1 equals `python -m pretrai
 """
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import subprocess
@@ -94,6 +95,32 @@ def test_open_clip_preprocess_gives_our_pixels(tokenizer_dir, tmp_path):
         assert (preprocess(img) - ours).abs().max() < 1e-5, shape
 
 
+def test_our_eval_loader_gives_open_clips_pixels_on_large_jpegs(tokenizer_dir, tmp_path):
+    """The whole eval path (shard reader, decoder, EvalTransform, normalisation) on non-square JPEGs far
+    larger than the model's input, where a reduced-scale JPEG decode would differ: clip_benchmark decodes
+    them in full and applies the transform open_clip builds from the export."""
+    import webdataset as wds
+    from data import make_eval_loader
+    tok = Tokenizer.load(tokenizer_dir)
+    m = create_model("tiny-test", vocab_size=tok.vocab_size)
+    _, preprocess, _ = _load(export_openclip(m.state_dict(), m.config, tmp_path / "oc", tokenizer_dir))
+    rng, jpegs = np.random.default_rng(0), []
+    for size in [(150, 97), (97, 150), (128, 128)]:
+        small = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+        buf = io.BytesIO()
+        small.resize(size, Image.BILINEAR).save(buf, format="JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+    with wds.TarWriter(str(tmp_path / "0.tar")) as sink:
+        for i, b in enumerate(jpegs):
+            sink.write({"__key__": f"{i:03d}", "jpg": b, "cls": i})
+    v = m.config.vision
+    loader = make_eval_loader(str(tmp_path / "0.tar"), None, batch_size=8, image_size=v.image_size, mean=v.mean,
+                              std=v.std, num_workers=0, with_labels=True, require_text=False)
+    ours = normalize_batch(torch.cat([b["images"] for b in loader]), v.mean, v.std)
+    theirs = torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs])
+    assert (ours - theirs).abs().max() < 1e-5
+
+
 def test_refusals_name_the_reason_and_write_nothing(tokenizer_dir, tmp_path):
     tok = Tokenizer.load(tokenizer_dir)
     relu = create_model("tiny-test", vocab_size=tok.vocab_size, vision={"act": "relu"}, text={"hidden_act": "relu"})
@@ -166,7 +193,6 @@ def _our_images(root: Path, name: str, model) -> torch.Tensor:
     v = model.config.vision
     with tarfile.open(root / f"wds_{name}" / "test" / "0.tar") as tar:
         pngs = sorted((m.name, tar.extractfile(m).read()) for m in tar if m.name.endswith(".png"))
-    import io
     x = torch.stack([EvalTransform(v.image_size)(Image.open(io.BytesIO(b))) for _, b in pngs])
     with torch.no_grad():
         return model.encode_image(normalize_batch(x, v.mean, v.std))
