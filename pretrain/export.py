@@ -108,6 +108,10 @@ def export(ckpt_dir: Path, out_dir: Path, formats, tag: str = "latest", model_co
     from data.tokenizer import Tokenizer
     from models import CLIP, ModelConfig
     from models import export as mx
+    import importlib.util
+    if "open_clip" in formats and importlib.util.find_spec("open_clip") is None:  # before the minutes of merging
+        raise RuntimeError("--format open_clip reloads the export with open_clip, which is not installed: "
+                           "pip install open_clip_torch==3.3.0 (requirements-dev.txt), or leave open_clip out of --format.")
     run_dir = ckpt_dir.parent
     model_config = model_config or run_dir / "model_config.json"
     tokenizer_dir = tokenizer_dir or run_dir / "tokenizer"

@@ -135,6 +135,16 @@ def test_refusals_name_the_reason_and_write_nothing(tokenizer_dir, tmp_path):
     assert not (tmp_path / "oc").exists()
 
 
+def test_export_cli_without_open_clip_says_how_to_get_it(tmp_path, monkeypatch):
+    import importlib.util
+    from pretrain.export import export
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "open_clip" else find_spec(name, *a))
+    with pytest.raises(RuntimeError, match=r"pip install open_clip_torch==3\.3\.0"):
+        export(tmp_path / "checkpoints", tmp_path / "out", ["native", "open_clip"])
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------ the real checkpoint
 # Run with `python -I`: no current directory or PYTHONPATH on sys.path, so nothing of this repository can
 # be imported; it proves that open_clip alone reads the export. It writes open_clip's embeddings of the
