@@ -99,21 +99,32 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """Resize the shorter side to S and take the centre S x S crop (done as one resize of the
-    central square, which is the same thing for a square output)."""
+    """Resize the shorter side to S (bicubic), then take the centre S x S crop.
+
+    Pixel for pixel what open_clip's eval transform ('shortest' resize mode) and torchvision's
+    Resize(S, BICUBIC) + CenterCrop(S) do to a PIL image, with their size and offset rounding, so
+    clip_benchmark and open_clip see the same pixels as `python -m pretrain.evaluate` (tests/
+    test_export_openclip.py). A single resize of the central square would be cheaper but differs
+    at the crop border on non-square images. For the same reason there is no JPEG draft decoding
+    at eval time (draft_size None): DCT down-scaling is a different filter than the bicubic resize
+    of the fully decoded image, and it would move MSCOCO-size photos (480 px and up at 224) off
+    clip_benchmark's numbers.
+    """
 
     def __init__(self, image_size: int):
         self.image_size = image_size
-        self.draft_size = image_size
+        self.draft_size = None
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         img = to_rgb(img)
+        s, (width, height) = self.image_size, img.size
+        short, long = min(width, height), max(width, height)
+        if short != s:  # torchvision leaves an image whose short side is already S untouched
+            new_long = int(s * long / short)
+            img = img.resize((s, new_long) if width <= height else (new_long, s), Image.Resampling.BICUBIC)
         width, height = img.size
-        side = min(width, height)
-        left, top = (width - side) // 2, (height - side) // 2
-        size = (self.image_size, self.image_size)
-        box = (left, top, left + side, top + side)
-        return _to_uint8_tensor(img.resize(size, Image.Resampling.BICUBIC, box=box))
+        left, top = int(round((width - s) / 2.0)), int(round((height - s) / 2.0))
+        return _to_uint8_tensor(img.crop((left, top, left + s, top + s)))
 
 
 def normalize_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -108,6 +108,19 @@ def image_processor(config: ModelConfig) -> CLIPImageProcessor:
         do_convert_rgb=True)
 
 
+def matching_tokenizer(tokenizer_dir: str | Path, config: ModelConfig):
+    """Our tokenizer from `tokenizer_dir`, refused unless its vocabulary and special ids are the model's."""
+    from data.tokenizer import Tokenizer
+    tok = Tokenizer.load(tokenizer_dir, context_length=config.text.context_length)
+    t = config.text
+    got = (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id)
+    if got != (t.vocab_size, t.pad_id, t.bos_id, t.eos_id):
+        raise ValueError(f"tokenizer {tokenizer_dir} has (vocab_size, pad, bos, eos) = {got} but the model "
+                         f"config says {(t.vocab_size, t.pad_id, t.bos_id, t.eos_id)}; pass the tokenizer "
+                         f"the model was trained with.")
+    return tok
+
+
 def export_hf(state_dict: dict, config: ModelConfig, out_dir: str | Path,
               tokenizer_dir: str | Path | None = None) -> Path:
     """Write a CLIPModel directory (config.json, model.safetensors, tokenizer, image processor).
@@ -122,16 +135,7 @@ def export_hf(state_dict: dict, config: ModelConfig, out_dir: str | Path,
     sd = check_state_dict(state_dict, config)
     hf_sd = to_hf_state_dict(sd, config)
     cfg = hf_config(config, float(hf_sd["logit_scale"]))
-    tok = None
-    if tokenizer_dir is not None:  # check before writing anything
-        from data.tokenizer import Tokenizer
-        tok = Tokenizer.load(tokenizer_dir, context_length=config.text.context_length)
-        t = config.text
-        got = (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id)
-        if got != (t.vocab_size, t.pad_id, t.bos_id, t.eos_id):
-            raise ValueError(f"tokenizer {tokenizer_dir} has (vocab_size, pad, bos, eos) = {got} but the model "
-                             f"config says {(t.vocab_size, t.pad_id, t.bos_id, t.eos_id)}; pass the tokenizer "
-                             f"the model was trained with.")
+    tok = matching_tokenizer(tokenizer_dir, config) if tokenizer_dir is not None else None  # before writing
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save_pretrained(out)

@@ -1,6 +1,6 @@
 """Export a ZeRO checkpoint: `python -m pretrain.export --checkpoint RUN/checkpoints --out DIR`.
 
-    python -m pretrain.export --checkpoint RUN/checkpoints [--tag latest] --out DIR --format native,hf,timm
+    python -m pretrain.export --checkpoint RUN/checkpoints [--tag latest] --out DIR --format native,hf,open_clip,timm
 
 DeepSpeed's zero_to_fp32 merges the per-rank fp32 master shards on the CPU (no GPU, no process
 group), then the models package writes each format into DIR/<format>. Every export is reloaded
@@ -21,14 +21,18 @@ import torch.nn.functional as F
 
 from pretrain.checkpoints.checkpoint import fp32_state_dict, resolve_tag
 
-FORMATS = ("native", "hf", "timm")
+FORMATS = ("native", "hf", "timm", "open_clip")
+# What a user gets without --format: the whole model in our format, transformers and open_clip (the image
+# tower alone, timm, is asked for by name).
+DEFAULT_FORMATS = "native,hf,open_clip"
+REFERENCE_CAPTIONS = ("a photo of a shoe", "an emoji of a smiling face", "x", "a red bag")
 
 
 def reference_inputs(config, tokenizer, n: int = 4):
     g = torch.Generator().manual_seed(0)
     s = config.vision.image_size
     images = torch.randn(n, 3, s, s, generator=g)
-    ids, _ = tokenizer(["a photo of a shoe", "an emoji of a smiling face", "x", "a red bag"][:n])
+    ids, _ = tokenizer(list(REFERENCE_CAPTIONS[:n]))
     return images, ids
 
 
@@ -56,6 +60,18 @@ def check_timm(out: Path, ref, images, ids) -> float:
         return _diff(F.normalize(m(images), dim=-1), ref[0])
 
 
+def check_openclip(out: Path, ref, images, ids) -> float:
+    """Loaded by open_clip's own API, text through open_clip's tokenizer (so a tokenizer that gave other
+    ids would show up here as a large difference)."""
+    import open_clip
+    m, _, _ = open_clip.create_model_and_transforms("local-dir:" + str(out))
+    tok = open_clip.get_tokenizer("local-dir:" + str(out))
+    with torch.no_grad():
+        img = m.eval().encode_image(images, normalize=True)
+        txt = m.encode_text(tok(list(REFERENCE_CAPTIONS[:ids.shape[0]])), normalize=True)
+    return max(_diff(img, ref[0]), _diff(txt, ref[1]))
+
+
 def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
@@ -66,6 +82,10 @@ def export(ckpt_dir: Path, out_dir: Path, formats, tag: str = "latest", model_co
     from data.tokenizer import Tokenizer
     from models import CLIP, ModelConfig
     from models import export as mx
+    import importlib.util
+    if "open_clip" in formats and importlib.util.find_spec("open_clip") is None:  # before the minutes of merging
+        raise RuntimeError("--format open_clip reloads the export with open_clip, which is not installed: "
+                           "pip install open_clip_torch==3.3.0 (requirements-dev.txt), or leave open_clip out of --format.")
     run_dir = ckpt_dir.parent
     model_config = model_config or run_dir / "model_config.json"
     tokenizer_dir = tokenizer_dir or run_dir / "tokenizer"
@@ -89,8 +109,9 @@ def export(ckpt_dir: Path, out_dir: Path, formats, tag: str = "latest", model_co
     bar.update()
     writers = {"native": lambda d: mx.save_native(sd, config, d, tokenizer_dir),
                "hf": lambda d: mx.export_hf(sd, config, d, tokenizer_dir),
-               "timm": lambda d: mx.export_timm(sd, config, d)}
-    checks = {"native": check_native, "hf": check_hf, "timm": check_timm}
+               "timm": lambda d: mx.export_timm(sd, config, d),
+               "open_clip": lambda d: mx.export_openclip(sd, config, d, tokenizer_dir)}
+    checks = {"native": check_native, "hf": check_hf, "timm": check_timm, "open_clip": check_openclip}
     for fmt in formats:
         bar.set_postfix_str(f"writing {fmt}")
         writers[fmt](out_dir / fmt)
@@ -115,11 +136,12 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", required=True, help="RUN/checkpoints (the folder holding step_* tags)")
     p.add_argument("--tag", default="latest", help="a tag such as step_00000100, or latest (complete only)")
     p.add_argument("--out", required=True, help="output directory; each format goes to OUT/<format>")
-    p.add_argument("--format", default="native,hf", help=f"comma list of {', '.join(FORMATS)}")
+    p.add_argument("--format", default=DEFAULT_FORMATS,
+                   help=f"comma list of {', '.join(FORMATS)}, or all (default {DEFAULT_FORMATS})")
     p.add_argument("--model-config", help="model config JSON (default RUN/model_config.json)")
     p.add_argument("--tokenizer", help="tokenizer directory (default RUN/tokenizer)")
     args = p.parse_args(argv)
-    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    formats = list(FORMATS) if args.format.strip() == "all" else [f.strip() for f in args.format.split(",") if f.strip()]
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         p.error(f"--format {args.format!r}: choose from {', '.join(FORMATS)}")

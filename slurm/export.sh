@@ -1,10 +1,16 @@
 #!/bin/bash
 # Export a run's ZeRO-3 checkpoint: merged to fp32 on the CPU, then written as our native format,
-# a `transformers` CLIPModel and a timm image tower, each reloaded and compared with the checkpoint.
+# a `transformers` CLIPModel, an open_clip model and a timm image tower, each reloaded by its own
+# library and compared with the checkpoint.
 #
 #   SOFTCLIP_RUN_DIR=runs/cc12m-vitl14-123456 sbatch slurm/export.sh
-#   SOFTCLIP_RUN_DIR=... SOFTCLIP_TAG=step_00005000 SOFTCLIP_FORMATS=hf \
+#   SOFTCLIP_RUN_DIR=... SOFTCLIP_TAG=step_00005000 SOFTCLIP_FORMATS=open_clip \
 #       SOFTCLIP_OUT=/models/softclip-vitl14 sbatch slurm/export.sh
+#
+# The open_clip export (OUT/open_clip) then loads without this repository:
+#   open_clip.create_model_and_transforms("local-dir:OUT/open_clip"); open_clip.get_tokenizer("local-dir:OUT/open_clip")
+#   python -m pretrain.clip_benchmark_cli eval --model local-dir:OUT/open_clip --pretrained '' --dataset wds/imagenet1k ...
+#   (clip_benchmark's own CLI, fixed for NumPy >= 2.4; docs/evaluation.md)
 #
 # One process, no GPU and no process group (DeepSpeed's zero_to_fp32 reads the shards as files),
 # so it runs in any partition; memory is the fp32 model plus one rank's shard at a time (~4 GB
@@ -13,7 +19,7 @@
 #   sbatch --cpus-per-task=2 --mem=8G slurm/export.sh     # ViT-B/16 or ViT-L/14
 #
 # Environment (SOFTCLIP_-prefixed, see slurm/README.md): SOFTCLIP_RUN_DIR (required), SOFTCLIP_TAG
-# (latest), SOFTCLIP_OUT (SOFTCLIP_RUN_DIR/export), SOFTCLIP_FORMATS (native,hf,timm), plus the
+# (latest), SOFTCLIP_OUT (SOFTCLIP_RUN_DIR/export), SOFTCLIP_FORMATS (native,hf,open_clip,timm; or all), plus the
 # launcher's SOFTCLIP_SETUP_CMD and SOFTCLIP_PYTHON (slurm/lib/launch.sh).
 #
 #SBATCH --job-name=export
@@ -37,7 +43,7 @@ launch_init
 check_dir "SOFTCLIP_RUN_DIR/checkpoints" "$SOFTCLIP_RUN_DIR/checkpoints" "is SOFTCLIP_RUN_DIR a run directory of pretrain/main.py?"
 SOFTCLIP_TAG=${SOFTCLIP_TAG:-latest}
 SOFTCLIP_OUT=${SOFTCLIP_OUT:-$SOFTCLIP_RUN_DIR/export}
-SOFTCLIP_FORMATS=${SOFTCLIP_FORMATS:-native,hf,timm}
+SOFTCLIP_FORMATS=${SOFTCLIP_FORMATS:-native,hf,open_clip,timm}
 
 echo "== $(date -Is) exporting $SOFTCLIP_RUN_DIR/checkpoints ($SOFTCLIP_TAG) as $SOFTCLIP_FORMATS into $SOFTCLIP_OUT"
 set +e
