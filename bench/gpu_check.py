@@ -90,9 +90,12 @@ def optimizer_line(plan: Plan, results: dict[str, Result], ctx: Context) -> str:
     r = results.get("fused_adam")
     if not ctx.torch_adam:
         return "DeepSpeed's FusedAdam" + (f" (fused_adam stage: {r.detail})" if r is not None else "")
-    why = (f"the fused_adam stage {r.status}: {r.detail}" if r is not None else
-           f"the fused_adam stage was trimmed ({plan.reasons['fused_adam']})" if "fused_adam" in plan.reasons else
-           "the fused_adam stage was not selected")
+    if "fused_adam" in {s.name for s in plan.kept}:
+        why = f"the fused_adam stage {r.status}: {r.detail}"
+    else:
+        why = (f"the fused_adam stage was trimmed ({plan.reasons['fused_adam']})" if "fused_adam" in plan.reasons
+               else "the fused_adam stage was not selected")
+        why += f"; it ran later, in the time left: {r.status}" if r is not None else ""
     return f"torch's AdamW (`\"torch_adam\": true`, {ctx.ds_config}), because {why}"
 
 
@@ -131,7 +134,7 @@ def run_all(plan: Plan, ctx: Context, device_name: str, versions: str, out: Path
         except (OSError, ValueError, KeyError, TypeError) as e:   # a stage that ran but left no usable result
             result = Result(stage.name, "FAIL", seconds, f"could not read its result: {type(e).__name__}: {e}",
                             tail(output))
-        if stage.name == "fused_adam" and result.status != "PASS":
+        if stage.name == "fused_adam" and result.status != "PASS" and not ctx.torch_adam:
             ctx = with_torch_adam(ctx)
             result.detail += "; the stages after it use torch's AdamW (torch_adam)"
         return result

@@ -104,9 +104,9 @@ def judge(stage: Stage, rc: int | None, output: str, seconds: float, ctx: Contex
         return Result(name, "FAIL", seconds, f"timed out after its {stage.limit_s} s limit", last)
     if rc != 0:
         why = f"exit code {rc}"
-        if name == "fused_adam":   # prebuild's one-line reason (exit 2), or the build's last error line
+        if name == "fused_adam":   # prebuild's reason (exit 2; its fixes are in the output below), or the build's error
             lines = [x for x in output.strip().splitlines() if x.strip()]
-            why += f": {lines[-1].removeprefix('error: ')[:300]}" if lines else ""
+            why += f": {lines[-1].removeprefix('error: ').split('. Fix one of:')[0][:300]}" if lines else ""
         return Result(name, "FAIL", seconds, why, last)
     if name in ("train", "resume"):
         ok, detail = train_summary(ctx.work / "run", TRAIN_STEPS if name == "train" else RESUME_STEPS)
@@ -184,7 +184,8 @@ def render(results: list[Result], plan: Plan, device_name: str, versions: str, o
              "| stage | status | time (s) | limit (s) | result |", "|---|---|---:|---:|---|"]
     limits = {s.name: s.limit_s for s in plan.kept + plan.trimmed}
     for r in results:
-        lines.append(f"| {r.stage} | {r.status} | {r.seconds:.0f} | {limits.get(r.stage, '')} | {r.detail} |")
+        detail = r.detail.replace("|", "\\|")        # an error message must not split the table row
+        lines.append(f"| {r.stage} | {r.status} | {r.seconds:.0f} | {limits.get(r.stage, '')} | {detail} |")
     lines += ["", "## Targets", "", "| target | value | pass |", "|---|---|---|"]
     for r in results:
         for text, (value, passed) in r.targets.items():

@@ -18,30 +18,36 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 # ------------------------------------------------------------------------- measured on a CPU
-# This project's machine: 2 cores shared with up to 6 other jobs (load average 2-3 while measuring),
-# Python 3.11, torch and deepspeed from .venv; each figure is the minimum wall time of N tries of the
-# command beside it (`t() { s=$(date +%s.%N); "$@"; e=$(date +%s.%N); echo "$e - $s" | bc; }`).
-PYTHON_START_S = 0.02     # python -c pass                                              (5 tries)
-IMPORT_TORCH_S = 3.2      # python -c "import torch"                                    (5 tries)
-IMPORT_DEEPSPEED_S = 3.9  # python -c "import torch, deepspeed"                         (5 tries)
+# This project's machine: 2 cores shared with up to 6 other jobs, Python 3.11, torch and deepspeed from
+# .venv, warm page cache. The load average went from 2 to 20 while measuring, so each figure is the
+# minimum WALL time of the tries at load 2-3 (18:12-18:16), when the machine was nearly free, or, for
+# the commands tried only under load 10-20, the minimum CPU time (user + sys of the command and the
+# children it waited for: what it needs whatever else runs). Commands, as run from the repo root:
+#   wall: t() { s=$(date +%s.%N); "$@"; e=$(date +%s.%N); echo "$e - $s" | bc; }
+#   cpu:  /usr/bin/time -f "%e %U %S" CMD     (user + sys)
+PYTHON_START_S = 0.02     # python -c pass                          wall, 5 tries (cpu 0.01)
+IMPORT_TORCH_S = 3.2      # python -c "import torch"                wall, 5 tries (cpu 3.8)
+IMPORT_DEEPSPEED_S = 3.9  # python -c "import torch, deepspeed"     wall, 5 tries (cpu 4.0)
 FUSED_ADAM_FACTS_S = 4.9  # python -c "import torch, deepspeed; from torch.utils import cpp_extension;
 #                           from deepspeed.git_version_info import installed_ops;
-#                           cpp_extension.is_ninja_available()"   (what prebuild imports; 3 tries)
-LAUNCHER_S = 9.7          # deepspeed --num_gpus 1 noop.py   (noop.py: `pass`; the runner and launch.py
-#                           each import deepspeed before the rank starts; 3 tries)
-TRAINER_START_S = 30.0    # deepspeed --num_gpus 1 pretrain/main.py --model tiny-test --steps 1 ...
-#                           ds_configs/cpu.json, minus LAUNCHER_S: imports, config, data workers,
-#                           engine, one step, exit (2 tries; the command is in TRAINER_COMMAND below)
+#                           cpp_extension.is_ninja_available()"  (what prebuild imports)  wall, 3 tries (cpu 4.1)
+LAUNCHER_S = 9.7          # deepspeed --num_gpus 1 noop.py   (noop.py: `pass`; the runner and launch.py each
+#                           import deepspeed before the rank starts)                     wall, 3 tries (cpu 8.8)
+TRAINER_START_S = 18.2    # TRAINER_COMMAND (below) minus LAUNCHER's cpu: the trainer's imports, config, a data
+#                           worker, deepspeed.initialize, one step, final checkpoint, exit.  cpu 27.0 - 8.8,
+#                           2 tries (wall 93-117 s at load 11-13)
 BENCH_TRAIN_IMPORTS_S = 10.3  # python -c "import bench.train, models, pretrain.engine, pretrain.config"
-BENCH_MODEL_START_S = 4.6     # python bench/model.py --help                            (3 tries)
-BENCH_LOSS_START_S = 3.5      # python bench/loss.py --help                             (3 tries)
-PIPELINE_IMPORT_S = 9.3       # python -c "from transformers import pipeline"           (3 tries)
-EXPORT_IMPORTS_S = 12.0       # python -c "import pretrain.export, transformers"        (2 tries)
+#                               wall, 3 tries (cpu 14.2)
+BENCH_MODEL_START_S = 4.6     # python bench/model.py --help        wall, 3 tries (cpu 3.1)
+BENCH_LOSS_START_S = 3.5      # python bench/loss.py --help         wall, 3 tries (cpu 3.6)
+PIPELINE_IMPORT_S = 9.3       # python -c "from transformers import pipeline"   wall, 3 tries (cpu 10.8)
+EXPORT_IMPORTS_S = 4.5        # python -c "import pretrain.export, transformers"  cpu, 2 tries (at load 17-20)
 EMBEDDED_BUILD_S = 11.2       # python -c "from data.embedded.build import ensure_built;
-#                               ensure_built('/tmp/x/shards', tokenizer_out='/tmp/x/tokenizer')" (cold)
+#                               ensure_built('/tmp/x/shards', tokenizer_out='/tmp/x/tokenizer')"  (a cold build)
+#                               wall, 1 try (cpu 5.0: the rest is file I/O)
 VIT_B16_CPU_INIT_S = 39.3     # python -c "from models import create_model; create_model('ViT-B-16')"
-#                               (2 tries; ViT-L-14: 97 s). The stages build their models on the GPU
-#                               (zero.Init in the trainer, device= in bench/model.py and bench/train.py);
+#                               wall, 2 tries at load 3-10 (ViT-L-14: 97 s). The stages build their models on
+#                               the GPU (zero.Init in the trainer, device= in bench/model.py and bench/train.py);
 #                               only export builds ViT-B-16 on the CPU (transformers loads weights without init).
 TRAINER_COMMAND = ("deepspeed --num_gpus 1 --master_port 29777 pretrain/main.py --model tiny-test --train-data "
                    "embedded:/tmp/x/shards --tokenizer /tmp/x/tokenizer --output-dir /tmp/x/run --deepspeed_config "

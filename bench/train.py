@@ -32,8 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-# The device peak table and the model-FLOP count live with the trainer's telemetry; imported here
-# under the names other scripts (the GPU check) use.
+# The device peak table and the model-FLOP count live with the trainer's telemetry (pretrain/telemetry.py).
 from pretrain.telemetry import PEAK_TFLOPS, train_flops  # noqa: E402
 
 
