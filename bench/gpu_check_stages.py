@@ -46,9 +46,11 @@ EMBEDDED_BUILD_S = 11.2       # python -c "from data.embedded.build import ensur
 #                               ensure_built('/tmp/x/shards', tokenizer_out='/tmp/x/tokenizer')"  (a cold build)
 #                               wall, 1 try (cpu 5.0: the rest is file I/O)
 VIT_B16_CPU_INIT_S = 39.3     # python -c "from models import create_model; create_model('ViT-B-16')"
-#                               wall, 2 tries at load 3-10 (ViT-L-14: 97 s). The stages build their models on
-#                               the GPU (zero.Init in the trainer, device= in bench/model.py and bench/train.py);
-#                               only export builds ViT-B-16 on the CPU (transformers loads weights without init).
+#                               wall, 2 tries at load 3-10 (cpu 15.5 at load 16; the larger is kept, as only
+#                               export, the least informative stage, pays it; ViT-L-14: 97 s wall). The stages
+#                               build their models on the GPU (zero.Init in the trainer, device= in bench/model.py
+#                               and bench/train.py); only export builds ViT-B-16 on the CPU (transformers loads
+#                               weights without init).
 TRAINER_COMMAND = ("deepspeed --num_gpus 1 --master_port 29777 pretrain/main.py --model tiny-test --train-data "
                    "embedded:/tmp/x/shards --tokenizer /tmp/x/tokenizer --output-dir /tmp/x/run --deepspeed_config "
                    "ds_configs/cpu.json --batch-size 32 --steps 1 --save-every 0 --log-every 1 --workers 1 "
