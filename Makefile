@@ -27,10 +27,14 @@ demo: setup
 bench-loss: setup
 	$(PY) bench/loss.py
 
-# One NVIDIA GPU, at most 8 minutes: train/resume/export with ZeRO-3 bf16 + FusedAdam, loss/model/step
-# benchmarks against their targets; writes results/gpu_check.md. Says so and exits 0 without a GPU.
+# One NVIDIA GPU within --budget (480 s): train/resume with ZeRO-3 bf16 over NCCL, then MFU, step ratios,
+# the loss at N = 32,768, FusedAdam, export; writes results/gpu_check.md after every stage. Says so and
+# exits 0 without a GPU. Arguments go through GPU_CHECK_ARGS:
+#   make gpu-check GPU_CHECK_ARGS=--dry-run                  # the plan, limits and commands (any machine)
+#   make gpu-check GPU_CHECK_ARGS="--budget 300 --dry-run"   # what a shorter budget keeps
+GPU_CHECK_ARGS ?=
 gpu-check: setup
-	$(PY) bench/gpu_check.py
+	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

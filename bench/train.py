@@ -8,9 +8,12 @@ Each configuration builds the real engine (pretrain.train.engine.build_engine: m
 module) and times forward + backward + optimizer step on a fixed synthetic batch, so data loading
 is excluded; the median of --iters steps after --warmup is reported. SoftCLIP runs once per target
 source (--sources): online (the model's own tokens), precomputed text (synthetic [B, 32, 384] features
-in place of MiniLM's, image online) and ema (an EMA teacher for both towers: one extra no-grad forward
-and the EMA update per step). With --accum A > 1 every source is timed twice per optimizer step of A
-micro-batches: --contrastive-batch micro (each micro-batch's loss sees micro x W columns) and global
+in place of MiniLM's, image online), precomputed image regions at the paper's detector shapes
+(synthetic [B, 36, 2048], the recommended recipe's flags: alpha 0.5, beta 1, image targets) and ema
+(an EMA teacher for both towers: one extra no-grad forward and the EMA update per step). Precomputed
+features are shipped in fp16, L2-normalised, with some padding rows, as data/fine.py batches them.
+With --accum A > 1 every source is timed twice per optimizer step of A micro-batches:
+--contrastive-batch micro (each micro-batch's loss sees micro x W columns) and global
 (pretrain/train/accumulate.py: all micro x A x W columns; one extra no-grad forward per micro-batch), with
 the size of the global mode's feature cache per rank. FLOPs are an estimate:
 3 x (2 x matmul parameters x tokens + 4 x layers x tokens^2 x width) per tower (no recompute).
@@ -51,9 +54,25 @@ SOURCES = {  # row label -> trainer flags
     "clip": ["--loss", "clip"],
     "online": ["--loss", "softclip"],
     "precomp-txt": ["--loss", "softclip", "--soft-text-source", "precomputed"],
+    # the recommended recipe (slurm/lib/launch.sh SOFTCLIP_TARGETS=image-features) on detector ROIs
+    "precomp-img": ["--loss", "softclip", "--soft-image-source", "precomputed", "--soft-source", "image",
+                    "--alpha", "0.5", "--beta", "1.0"],
     "ema": ["--loss", "softclip", "--soft-image-source", "ema", "--soft-text-source", "ema"],
 }
-FINE_TXT_SHAPE = (32, 384)  # all-MiniLM-L6-v2 token features, as data.precompute_fine writes them
+FINE_SHAPES = {"fine_txt": (32, 384),    # all-MiniLM-L6-v2 token features, as data.precompute_fine writes them
+               "fine_img": (36, 2048)}   # detector ROI features, the paper's setting (K = 36 regions, d = 2048)
+
+
+def synthetic_fine(members, batch: int, seed: int, device) -> dict:
+    """Precomputed features as the loader batches them: fp16, L2-normalised rows, padding rows zero."""
+    g, fine = torch.Generator().manual_seed(seed), {}
+    for member in members:
+        n, d = FINE_SHAPES[member]
+        x = torch.nn.functional.normalize(torch.randn(batch, n, d, generator=g), dim=-1)
+        mask = torch.arange(n)[None] < torch.randint(4, n + 1, (batch, 1), generator=g)  # valid rows
+        fine[member] = (x * mask[..., None]).half().to(device)
+        fine[member + "_mask"] = mask.to(device)
+    return fine
 
 
 def bench_one(model_name: str, source: str, args, env, cuda: bool, mode: str = "micro") -> dict:
@@ -72,19 +91,16 @@ def bench_one(model_name: str, source: str, args, env, cuda: bool, mode: str = "
         flags += ["--deepspeed_config", str(Path(__file__).resolve().parent.parent / "ds_configs" / "cpu_fp32.json")]
     cfg = build_config(flags, env, cuda=cuda, check_files=False)
     torch.manual_seed(0)
-    model = create_model(model_name, vocab_size=args.vocab_size)
+    # Built where it trains: initialising ViT-B-16 on the CPU took 39 s here (2 busy cores; `python -c
+    # "from models import create_model; create_model('ViT-B-16')"`), paid once per source row.
+    model = create_model(model_name, vocab_size=args.vocab_size,
+                         device=torch.device("cuda", env.local_rank) if cuda else None)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     teacher = build_teacher(model) if cfg.ema_modalities else None
     engine, ema = build_engine(cfg, model, build_loss(cfg, env.rank, env.world_size), teacher, env.rank)
     images, ids = synthetic_batch(model.config, args.micro_batch, engine.device)
-    fine = None
-    if cfg.fine_members:
-        g = torch.Generator().manual_seed(env.rank)
-        x = torch.nn.functional.normalize(torch.randn(args.micro_batch, *FINE_TXT_SHAPE, generator=g), dim=-1)
-        n = FINE_TXT_SHAPE[0]
-        mask = torch.arange(n)[None] < torch.randint(4, n + 1, (args.micro_batch, 1), generator=g)  # valid rows
-        fine = {"fine_txt": (x * mask[..., None]).to(engine.device), "fine_txt_mask": mask.to(engine.device)}
+    fine = synthetic_fine(cfg.fine_members, args.micro_batch, env.rank, engine.device) if cfg.fine_members else None
     times, state = [], TrainState()
     batches = itertools.repeat({"images": images, "input_ids": ids, "skipped": 0, **(fine or {})})
     for i in range(args.warmup + args.iters):

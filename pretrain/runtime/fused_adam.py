@@ -70,13 +70,16 @@ def gather_facts(ds: dict, cuda: bool) -> Facts:
                  prebuilt=bool(prebuilt), cuda_home=cuda_home, nvcc=nvcc, ninja=ninja)
 
 
-def prebuild(ds_path: str) -> int:
-    """Build FusedAdam once if this config needs it; exit 0 (built, or nothing to build) or 2 (cannot)."""
+def prebuild(ds_path: str, cuda: bool | None = None) -> int:
+    """Build FusedAdam once if this config needs it; exit 0 (built, or nothing to build) or 2 (cannot).
+
+    `cuda` defaults to torch.cuda.is_available(); bench/gpu_check.py passes True (it runs only on a
+    GPU), which also lets its CPU tests walk the same checks and build."""
     import json
 
     import torch
     ds = json.loads(Path(ds_path).read_text())
-    facts = gather_facts(ds, cuda=torch.cuda.is_available())
+    facts = gather_facts(ds, cuda=torch.cuda.is_available() if cuda is None else cuda)
     if not needs_jit(facts):
         reason = ("no GPU here" if not facts.cuda else "torch_adam" if facts.torch_adam else
                   "optimizer offloaded" if facts.offload else "prebuilt in this DeepSpeed install")
