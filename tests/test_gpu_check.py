@@ -217,7 +217,7 @@ def no_nvcc(tmp_path, monkeypatch):
 
 def build_raises(tmp_path, monkeypatch):
     """A toolchain that passes the checks, and a build that raises (its extensions dir is under a file)."""
-    from pretrain.fused_adam import fused_adam_problem, gather_facts
+    from pretrain.runtime.fused_adam import fused_adam_problem, gather_facts
     if fused_adam_problem(gather_facts(json.loads((REPO / gs.FUSED_DS_CONFIG).read_text()), cuda=True)):
         pytest.skip("this machine has no nvcc / CUDA_HOME / ninja: the build is never reached")
     (tmp_path / "a-file").write_text("")
