@@ -85,11 +85,11 @@ def detector_seconds(text: str, n: int = DETECTOR_N) -> float | None:
     return None
 
 
-# PER-DTYPE SIMILARITY FIGURES (issue 21 section 1, branch `simdtype`): bench/loss.py is gaining the
-# detector-shape similarity time in each dtype beside the ViT-L step time. Its tables are copied into
-# the report as they are (every line of the loss stage's output that starts with "|"), so they need no
-# code here; once their format is settled, read the fp16/bf16 seconds the way detector_seconds reads the
-# current one and add one projected ratio per dtype in `projections` below.
+def similarity_figures(text: str) -> dict | None:
+    """bench/loss.py --parts similarity prints one line `SIMILARITY_JSON {...}`: F's seconds per matmul
+    dtype at detector shapes and the ViT-L-14 step it is compared with (bench/similarity.py)."""
+    line = next((x for x in text.splitlines() if x.startswith("SIMILARITY_JSON ")), None)
+    return json.loads(line[len("SIMILARITY_JSON "):]) if line else None
 
 
 def peak_for(device_name: str) -> float | None:
@@ -127,6 +127,9 @@ def judge(stage: Stage, rc: int | None, output: str, seconds: float, ctx: Contex
         table = "\n".join(x for x in output.splitlines() if x.startswith("|"))
         found = detector_seconds(output)
         figures = {"detector_s": found} if found is not None else {}
+        similarity = similarity_figures(output)
+        if similarity is not None:
+            figures["similarity"] = similarity
         return Result(name, "PASS", seconds, f"{table.count(chr(10)) + 1 if table else 0} table rows (below)",
                       table, figures=figures)
     return Result(name, "PASS", seconds, last.splitlines()[-1] if last else "")
@@ -165,12 +168,30 @@ def projections(results: list[Result]) -> list[str]:
     """Ratios no single stage measures: the detector-shape target path at N = 32,768 (loss stage) on
     top of a ViT-L-14 step of the same 128 images (model stage)."""
     figures = {k: v for r in results for k, v in r.figures.items()}
+    lines = similarity_projections(figures.get("similarity"))
     if "detector_s" not in figures or "vit_l_step_s" not in figures:
-        return []
+        return lines
     t, step = figures["detector_s"], figures["vit_l_step_s"]
-    return [f"ViT-L-14 SoftCLIP / CLIP step time with precomputed detector features at N = {DETECTOR_N:,} "
+    return lines + [f"ViT-L-14 SoftCLIP / CLIP step time with precomputed detector features at N = {DETECTOR_N:,} "
             f"(256 GPUs x 128): 1 + {t:.3f} s target path / {step:.3f} s model step = **{1 + t / step:.2f}** "
             f"(the all-gather's network time is not in it: one GPU cannot show it)"]
+
+
+def similarity_projections(sim: dict | None) -> list[str]:
+    """One line per matmul dtype: F's time at b x N and, where the ViT-L-14 step is known, the SoftCLIP /
+    CLIP step ratio it implies (1 + F / step; the gather and the rest of the loss are not in it)."""
+    if not sim:
+        return []
+    step = sim.get("vit_l14", {}).get("step_s")
+    where = f"b = {sim['b']}, N = {sim['N']:,}, K = {sim['K']}, d = {sim['d']}, {sim['similarity_tflop']:.1f} TFLOP"
+    out = []
+    for mode, sec in sim.get("seconds", {}).items():
+        text = f"similarity F in {mode} ({where}): {sec:.3f} s, {sim['tflops'][mode]:.0f} TFLOP/s"
+        if step:
+            text += (f"; with a ViT-L-14 step of {step:.3f} s ({sim['vit_l14']['source']}) "
+                     f"the SoftCLIP / CLIP step ratio is **{1 + sec / step:.2f}**")
+        out.append(text)
+    return out
 
 
 # ---------------------------------------------------------------------------------------- report

@@ -137,7 +137,9 @@ STAGES = (
           estimated=(("6 x CUDA init", 6 * 2),
                      ("detector path at N = 32,768, twice: 2.4 G fp16 values drawn, 22 TFLOP of similarity", 2 * 2),
                      ("CLIP losses at N = 32,768 (SoftCLIP's full batch is skipped at --softclip-budget-s 5)", 5),
-                     ("per-dtype similarity timing (branch simdtype; not yet in bench/loss.py)", 10))),
+                     ("bench/loss.py --parts similarity: a 7th start-up, then F at b = 128, N = 32,768 in fp32, "
+                      "TF32, fp16, bf16 (1 warm-up + 3 repeats: ~1.6 s fp32 IEEE, < 0.2 s each other)",
+                      BENCH_LOSS_START_S + 2 + 4))),
     Stage("export", "pretrain.export to native, transformers and timm, each reloaded and compared",
           measured=(("python + pretrain.export and transformers imports", EXPORT_IMPORTS_S),
                     ("ViT-B-16 built on the CPU twice (the reference CLIP, the timm reload)", 2 * VIT_B16_CPU_INIT_S)),
@@ -250,7 +252,11 @@ def commands(stage: str, ctx: Context) -> list[list[str]]:
     if stage == "loss":
         return [[python, "bench/loss.py", "--device", "cuda", "--parts", "timing,detector", "--sizes", str(DETECTOR_N),
                  "--worlds", "1", "--repeats", "3", "--softclip-budget-s", "5",
-                 "--detector-b", "128", "--detector-sizes", str(DETECTOR_N)]]
+                 "--detector-b", "128", "--detector-sizes", str(DETECTOR_N)],
+                # the similarity F per matmul dtype beside the measured ViT-L-14 step (the model stage's
+                # model.json when it ran first; else bench/loss.py estimates the step from the bf16 peak)
+                [python, "bench/loss.py", "--device", "cuda", "--parts", "similarity", "--repeats", "3",
+                 "--model-json", str(work / "model.json"), "--similarity-json", str(work / "similarity.json")]]
     if stage == "model":
         return [[python, "bench/model.py", "--models", "ViT-B-16", "ViT-L-14", "--batch", "128", "--steps", "5",
                  "--json", str(work / "model.json")]]

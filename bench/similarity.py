@@ -57,7 +57,9 @@ def vit_l14_step(device: str, images: int, model_json: str | None) -> dict:
     from pretrain.observe.telemetry import peak_tflops, train_flops
     tflop = train_flops(get_model_config("ViT-L-14"), images) / 1e12
     out = {"images": images, "tflop": round(tflop, 2), "step_s": None, "source": "unknown on this device"}
-    if model_json:
+    # gpu-check names the model stage's model.json whether or not that stage ran (it may be trimmed or
+    # have failed): a missing file means the estimate below, not an error
+    if model_json and Path(model_json).exists():
         rows = [r for r in json.loads(Path(model_json).read_text())
                 if r["model"] == "ViT-L-14" and not r["ckpt"]]
         if not rows:

@@ -34,3 +34,23 @@ def test_similarity_part_prints_one_json_line(tmp_path):
         assert got["ratio_to_vit_l14_step"][m] == s / vit["step_s"]
         assert got["softclip_clip_step_ratio_est"][m] == 1 + s / vit["step_s"]
     assert "| fp16 (emulated: fp32 matmul, rounded) |" in r.stdout
+    # what make gpu-check's loss stage makes of this very output: one projected line per dtype
+    from bench import gpu_check_report as gr
+    assert gr.similarity_figures(r.stdout) == got
+    lines = gr.similarity_projections(got)
+    assert len(lines) == 3 and all("step ratio is **" in x for x in lines)
+    fp16 = next(x for x in lines if x.startswith("similarity F in fp16"))
+    assert f"**{1 + got['seconds']['fp16'] / vit['step_s']:.2f}**" in fp16
+
+
+def test_similarity_part_without_the_model_stages_file_falls_back(tmp_path):
+    # gpu-check names model.json even when its model stage was trimmed or failed: no error, no step on CPU
+    r = subprocess.run([sys.executable, "bench/loss.py", "--device", "cpu", "--parts", "similarity",
+                        "--similarity-b", "1", "--similarity-n", "4", "--similarity-d", "16", "--repeats", "1",
+                        "--model-json", str(tmp_path / "absent.json")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("SIMILARITY_JSON "))[16:])
+    assert got["vit_l14"]["step_s"] is None and "ratio_to_vit_l14_step" not in got
+    from bench import gpu_check_report as gr
+    assert all("step ratio" not in x for x in gr.similarity_projections(got))
