@@ -301,6 +301,10 @@ def build_config(argv: list[str] | None, env: DistEnv, cuda: bool, check_files: 
 
     # everything in steps
     n_ep = raw["train_num_samples"]
+    if n_ep is None and raw["train_data"] is not None:
+        # epoch units (--steps 2ep) count what the loader will read: sizes.json or img2dataset's *_stats.json
+        from pretrain.preflight import counted_samples
+        n_ep = counted_samples(resolve_train_data(str(raw["train_data"])))
     steps = warmup = save_every = eval_every = soft_warmup = 0
     try:
         steps = schedule.to_steps(raw["steps"], "--steps", total_steps=None, global_batch=global_batch,

@@ -43,6 +43,17 @@ def check_sample_count(urls: list[str], num_samples, problems: list[str]) -> Non
                         f"sizes.json if the count is wrong.")
 
 
+def counted_samples(train_data: str) -> int | None:
+    """The samples the shards' size files count (sizes.json, img2dataset's *_stats.json "successes":
+    its failed downloads are not in the shards); None when any shard's count is unknown."""
+    from data.shards import expand_patterns, read_shard_sizes
+    try:
+        sizes = read_shard_sizes(expand_patterns(train_data))
+    except (ValueError, OSError):
+        return None
+    return sum(sizes) if sizes else None
+
+
 def check_embedded_eval(flag: str, value: str, problems: list[str]) -> None:
     """`embedded` (the default) needs the embedded build in data/embedded/shards."""
     if value != "embedded":
