@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.test_export import tokenizer_dir, trained  # noqa: F401  (fixtures)
 from pretrain.linear_probe import WD_GRID, ProbeOptions, fewshot_indices, linear_probe, split_train_val
 
 torch.set_num_threads(1)  # tiny shapes on a shared 2-core machine
@@ -119,3 +120,95 @@ def test_same_features_give_clip_benchmarks_numbers(tmp_path, monkeypatch, fewsh
     # the same count of correct test samples (ours is a float32 mean, theirs a float64 quotient)
     for mine, cb in (("top1", "lp_acc1"), ("top5", "lp_acc5"), ("mean_per_class_recall", "lp_mean_per_class_recall")):
         assert ours[mine] == pytest.approx(theirs[cb], abs=1e-6), (mine, ours[mine], theirs[cb])
+
+
+# ----------------------------------------------------------------------------------- the CLI
+def _png(rgb, rng) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+    # 60% of a random colour mixed in: the classes overlap, so the probe is neither perfect nor at chance
+    mixed = 0.4 * np.array(rgb) + 0.6 * rng.integers(0, 256, 3)
+    pixels = np.clip(mixed[None, None] + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "PNG")
+    return out.getvalue()
+
+
+def write_probe_sets(root, per_class: dict[str, int]) -> None:
+    """The same noisy colour images twice: clip_benchmark's webdataset layout (wds_colours/{train,test}/0.tar
+    with .png/.cls, nshards.txt, classnames.txt) and an image folder (folders/{train,test}/<class>/)."""
+    import io
+    import tarfile
+
+    import numpy as np
+
+    from tests.test_export import COLORS
+    rng = np.random.default_rng(0)
+    wds = root / "wds" / "wds_colours"
+    for split, n in per_class.items():
+        (wds / split).mkdir(parents=True)
+        with tarfile.open(wds / split / "0.tar", "w") as tar:
+            for i in range(n * len(COLORS)):
+                label, name = i % len(COLORS), list(COLORS)[i % len(COLORS)]
+                png = _png(COLORS[name], rng)
+                for ext, data in (("png", png), ("cls", str(label).encode())):
+                    info = tarfile.TarInfo(f"s{i:07d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                (root / "folders" / split / name).mkdir(parents=True, exist_ok=True)
+                (root / "folders" / split / name / f"{i:04d}.png").write_bytes(png)
+        (wds / split / "nshards.txt").write_text("1\n")
+    (wds / "classnames.txt").write_text("\n".join(COLORS) + "\n")
+    (wds / "dataset_type.txt").write_text("classification\n")
+
+
+def test_cli_on_an_export_on_1_and_2_ranks_equals_the_probe_on_its_features(trained, tokenizer_dir, tmp_path):
+    """`python -m pretrain.evaluate --linear-probe` on a native export: 1 rank gives exactly the probe run
+    here on features embedded here; 2 ranks (features gathered, put back in key order) give the same."""
+    import json
+    from types import SimpleNamespace
+
+    from models import save_native
+    from pretrain import linear_probe as lp
+    from tests.test_evaluate_cli import run_cli
+    model, _ = trained
+    save_native(model.state_dict(), model.config, tmp_path / "export" / "native", tokenizer_dir)
+    write_probe_sets(tmp_path, {"train": 10, "test": 6})
+    spec = f"clip_benchmark:{tmp_path / 'wds'},{tmp_path / 'folders'}"
+    got = {}
+    for world in (1, 2):
+        out = tmp_path / f"{world}.json"
+        codes, log = run_cli(["--checkpoint", str(tmp_path / "export"), "--zeroshot-data", "none",
+                              "--retrieval-data", "none", "--linear-probe", spec, "--workers", "0",
+                              "--batch-size", "7", "--out", str(out)], world=world)
+        assert codes == [0] * world, log[-3000:]
+        got[world] = json.loads(out.read_text())["metrics"]
+    single = SimpleNamespace(rank=0, world_size=1, is_main=True)
+    for name, data in (("colours", tmp_path / "wds" / "wds_colours"), ("folders", tmp_path / "folders")):
+        split = {s: lp.features(model, lp._batches(str(data / s), model.config, 7, single, 0), torch.device("cpu"),
+                                model.config) for s in ("train", "test")}
+        want = lp.linear_probe(*split["train"], *split["test"], lp.ProbeOptions())
+        for k in ("top1", "top5", "mean_per_class_recall", "weight_decay", "n_train", "n_test"):
+            assert got[1][f"{name}/linear_probe_{k}"] == want[k], (name, k)
+            assert got[2][f"{name}/linear_probe_{k}"] == pytest.approx(want[k], abs=1.01 / want["n_test"]), (name, k)
+        assert want["n_train"] == 50 and want["n_test"] == 30 and 0.2 < want["top1"] < 1.0, want
+
+
+
+def test_cli_flags_reach_the_probe_options():
+    from pretrain import eval_cli, linear_probe
+    args = eval_cli.parse(["--checkpoint", "x", "--linear-probe", "d", "--fewshot-k", "3", "--probe-epochs", "5",
+                           "--probe-lr", "0.01", "--probe-batch-size", "32", "--probe-val-proportion", "0"])
+    assert linear_probe.options(args) == ProbeOptions(fewshot_k=3, epochs=5, lr=0.01, batch_size=32, val_proportion=0)
+
+
+def test_cli_refuses_a_bad_probe_spec_in_one_sentence(tmp_path):
+    from tests.test_evaluate_cli import run_cli
+    (tmp_path / "only_train" / "train").mkdir(parents=True)
+    codes, out = run_cli(["--checkpoint", str(tmp_path), "--zeroshot-data", "none", "--retrieval-data", "none",
+                          "--linear-probe", str(tmp_path / "only_train")])
+    assert codes == [2] and f"--linear-probe {tmp_path / 'only_train'}: expected" in out and "test (or val)" in out, out
+    codes, out = run_cli(["--checkpoint", str(tmp_path), "--linear-probe", "none", "--fewshot-k", "0"])
+    assert codes == [2] and "--fewshot-k 0" in out, out
