@@ -195,18 +195,18 @@ def linear_probe(train_x, train_y, test_x, test_y, opts: ProbeOptions, device=No
 
 
 # ------------------------------------------------------------------------------------------- the sets
-def resolve(value: str) -> list[ProbeSet]:
+def resolve(value: str, flag: str = "--linear-probe") -> list[ProbeSet]:
     """The ProbeSets of --linear-probe; ValueError naming the bad spec and the fix."""
     from pretrain.benchmarks import CLIP_BENCHMARK, split_specs
     sets = []
     for spec in split_specs(value):
         if spec == "none":
             continue
-        sets += _clip_benchmark_sets(spec) if spec.startswith(CLIP_BENCHMARK) else [_folder_set(spec)]
+        sets += _clip_benchmark_sets(spec, flag) if spec.startswith(CLIP_BENCHMARK) else [_folder_set(spec, flag)]
     return sets
 
 
-def _clip_benchmark_sets(spec: str) -> list[ProbeSet]:
+def _clip_benchmark_sets(spec: str, flag: str) -> list[ProbeSet]:
     from pretrain.benchmarks import CLIP_BENCHMARK, _wds_dirs
     rest = spec[len(CLIP_BENCHMARK):]
     root, _, names = rest.partition(":") if not Path(rest).exists() else (rest, "", "")
@@ -217,34 +217,34 @@ def _clip_benchmark_sets(spec: str) -> list[ProbeSet]:
             continue
         if not (d / "train" / "nshards.txt").is_file():
             if names:  # asked for by name: say why it cannot be probed
-                raise ValueError(f"--linear-probe {spec}: {d} has no train/nshards.txt; a linear probe needs the "
+                raise ValueError(f"{flag} {spec}: {d} has no train/nshards.txt; a linear probe needs the "
                                  f"train split (clip_benchmark_export_wds --split train).")
             continue
         name = d.name[len("wds_"):] if d.name.startswith("wds_") else d.name
         sets.append(ProbeSet(name, str(d / "train"), str(d / "test")))
     if not sets:
-        raise ValueError(f"--linear-probe {spec}: no classification set with both train/ and test/ splits there.")
+        raise ValueError(f"{flag} {spec}: no classification set with both train/ and test/ splits there.")
     return sets
 
 
-def _folder_set(spec: str) -> ProbeSet:
+def _folder_set(spec: str, flag: str) -> ProbeSet:
     root = Path(spec)
     test = next((root / s for s in SPLITS_TEST if (root / s).is_dir()), None)
     if not (root / "train").is_dir() or test is None:
-        raise ValueError(f"--linear-probe {spec}: expected {root}/train and {root}/test (or val) folders, each of "
+        raise ValueError(f"{flag} {spec}: expected {root}/train and {root}/test (or val) folders, each of "
                          f"class folders or of .tar shards with .cls labels; or clip_benchmark:ROOT.")
     folders = [sorted(p.name for p in d.iterdir() if p.is_dir()) for d in (root / "train", test)]
     if not any((root / "train").glob("*.tar")) and folders[0] != folders[1]:
-        raise ValueError(f"--linear-probe {spec}: train/ and {test.name}/ hold different class folders "
+        raise ValueError(f"{flag} {spec}: train/ and {test.name}/ hold different class folders "
                          f"({len(folders[0])} and {len(folders[1])}); labels follow the sorted folder names, "
                          f"so both splits need the same ones.")
     return ProbeSet(root.name, str(root / "train"), str(test))
 
 
-def check_spec(value: str) -> list[str]:
+def check_spec(value: str, flag: str = "--linear-probe") -> list[str]:
     """Problems with a --linear-probe value (empty when fine)."""
     try:
-        resolve(value)
+        resolve(value, flag)
     except (ValueError, OSError) as e:
         return [str(e)]
     return []

@@ -8,7 +8,8 @@ failed downloads. Nothing leaves 127.0.0.1: wandb is off, albumentations' update
 are bypassed for the local server.
 
 On that folder, unchanged: the loader counts img2dataset's successes (not its 404s) as the epoch, the
-trainer runs `--steps 1ep` (5 steps at a global batch of 8) on 2 ranks with DeepSpeed ZeRO-3, and
+trainer runs `--steps 1ep` (5 steps at a global batch of 8) on 2 ranks with DeepSpeed ZeRO-3 (and a linear
+probe at its final evaluation, checked against `python -m pretrain.evaluate`), and
 `python -m data.precompute_fine` adds MiniLM text features to it.
 
 Cost: img2dataset ~40 s (mostly its worker process importing), training ~60 s, precompute ~20 s on 2
@@ -111,19 +112,36 @@ def test_epoch_is_img2datasets_successes(i2d):
 
 
 def test_trains_on_the_folder_as_written(i2d, tmp_path):
+    """Also the trainer's --linear-probe-data at the final evaluation: it equals what
+    `python -m pretrain.evaluate --linear-probe` reports for the run's final checkpoint (ZeRO-3 fp32)."""
     from data import train_tokenizer
+    from tests.test_evaluate_cli import run_cli
+    from tests.test_linear_probe import write_probe_sets
     train_tokenizer(i2d["captions"] * 3, tmp_path / "tok", vocab_size=40)
+    write_probe_sets(tmp_path, {"train": 6, "test": 4})
+    probe = f"clip_benchmark:{tmp_path / 'wds'}"
     run = tmp_path / "run"
     # --steps 1ep: the epoch length comes from img2dataset's stats (40 successes / global batch 8 = 5 steps)
     codes, out = wait(launch(["--model", "tiny-test", "--train-data", str(i2d["out"]), "--tokenizer",
                               str(tmp_path / "tok"), "--output-dir", str(run), "--deepspeed_config",
-                              str(REPO / "ds_configs" / "cpu.json"), "--batch-size", "8", "--steps", "1ep",
+                              str(REPO / "ds_configs" / "cpu_fp32.json"), "--batch-size", "8", "--steps", "1ep",
                               "--warmup", "1", "--save-every", "0", "--log-every", "1", "--workers", "1",
-                              "--zeroshot-data", "none", "--retrieval-data", "none"]), timeout=500)
+                              "--zeroshot-data", "none", "--retrieval-data", "none", "--linear-probe-data", probe]),
+                      timeout=500)
     assert codes == [0, 0], out[-4000:]
     steps = records(run)
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5], steps
     assert all(np.isfinite(r["loss"]) for r in steps)
+
+    final = json.loads((run / "results.json").read_text())["final"]
+    codes, log = run_cli(["--checkpoint", str(run), "--zeroshot-data", "none", "--retrieval-data", "none",
+                          "--linear-probe", probe, "--workers", "0", "--out", str(tmp_path / "cli.json")])
+    assert codes == [0], log[-3000:]
+    cli = json.loads((tmp_path / "cli.json").read_text())["metrics"]
+    assert final["colours/linear_probe_n_train"] == 30 and final["colours/linear_probe_n_test"] == 20
+    for k in ("top1", "top5", "mean_per_class_recall"):
+        key = f"colours/linear_probe_{k}"
+        assert final[key] == pytest.approx(cli[key], abs=1.01 / 20), (key, final[key], cli[key])
 
 
 def test_precompute_fine_on_the_folder(i2d, tmp_path):
