@@ -37,9 +37,11 @@ def test_timm_export_fine_tunes_with_timms_own_loader_and_transform(trained, tmp
     # The overlay carries the export's data config (config.json's pretrained_cfg) as well as the file: with
     # `file` alone timm keeps the architecture's own (224 px, OpenAI CLIP mean/std) and would preprocess
     # images for another tower.
-    exported = json.loads((tmp_path / "timm" / "config.json").read_text())["pretrained_cfg"]
-    net = timm.create_model(info["arch"], pretrained=True, num_classes=len(COLORS), **info["model_args"],
-                            pretrained_cfg_overlay=dict(exported, file=info["file"]))
+    # (what docs/evaluation.md shows: everything from the export's config.json)
+    cfg = json.loads((tmp_path / "timm" / "config.json").read_text())
+    args = {k: v for k, v in cfg["model_args"].items() if k != "num_classes"}
+    net = timm.create_model(cfg["architecture"], pretrained=True, num_classes=len(COLORS), **args,
+                            pretrained_cfg_overlay=dict(cfg["pretrained_cfg"], file=info["file"]))
     # the trunk is the export (not timm's random init); the head is new, sized for the task
     ours = model.visual.trunk.state_dict()
     theirs = net.state_dict()

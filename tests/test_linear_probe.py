@@ -212,3 +212,14 @@ def test_cli_refuses_a_bad_probe_spec_in_one_sentence(tmp_path):
     assert codes == [2] and f"--linear-probe {tmp_path / 'only_train'}: expected" in out and "test (or val)" in out, out
     codes, out = run_cli(["--checkpoint", str(tmp_path), "--linear-probe", "none", "--fewshot-k", "0"])
     assert codes == [2] and "--fewshot-k 0" in out, out
+
+
+def test_trainer_refuses_a_bad_linear_probe_data_before_starting(tmp_path):
+    from pretrain.config import ConfigError, build_config
+    from pretrain.dist import DistEnv
+    env = DistEnv(rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1", master_port=0, launcher="single")
+    argv = ["--train-data", str(tmp_path / "x-{0..1}.tar"), "--output-dir", str(tmp_path / "run"), "--batch-size", "8"]
+    with pytest.raises(ConfigError) as e:
+        build_config([*argv, "--linear-probe-data", f"clip_benchmark:{tmp_path}/nope"], env, cuda=False)
+    assert f"--linear-probe-data clip_benchmark:{tmp_path}/nope: no such directory" in str(e.value), str(e.value)
+    assert build_config(argv, env, cuda=False, check_files=False).linear_probe_data == "none"   # off by default
