@@ -177,9 +177,12 @@ class EvalRunner:
         flat = self.measure(engine.module.model, engine.device)
         if final and self.cfg.linear_probe_data != "none":  # minutes on ImageNet: the final evaluation only
             from pretrain import linear_probe
-            flat.update(linear_probe.run(engine.module.model, self.model_cfg, self.env, engine.device,
-                                         self.cfg.linear_probe_data, linear_probe.ProbeOptions(),
-                                         self.cfg.eval_batch_size, self.cfg.workers, log=self.log.info))
+            try:
+                flat.update(linear_probe.run(engine.module.model, self.model_cfg, self.env, engine.device,
+                                             self.cfg.linear_probe_data, linear_probe.ProbeOptions(),
+                                             self.cfg.eval_batch_size, self.cfg.workers, log=self.log.info))
+            except ValueError as e:  # raised alike on every rank (gathered data); the final checkpoint comes next
+                self.log.info(f"linear probe skipped: {e}")
         flat.update(self.diagnostics.run(engine, step, Path(self.cfg.output_dir)))  # RUN/diagnostics/step_*.png
         engine.train()
         self.log.log(step, flat, kind="eval")

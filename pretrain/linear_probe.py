@@ -167,7 +167,8 @@ def mean_per_class_recall(pred: torch.Tensor, y: torch.Tensor) -> float:
 def linear_probe(train_x, train_y, test_x, test_y, opts: ProbeOptions, device=None, num_classes: int | None = None) -> dict:
     """The whole protocol on features (float [N, D]) and labels (long [N]); metrics as fractions.
 
-    num_classes: the probe's outputs (default: the largest label of any split + 1)."""
+    num_classes: the probe's outputs (default: the largest label of any split + 1; clip_benchmark takes the
+    train split's, which differs only when test holds a class that train lacks)."""
     from pretrain.evaluate import topk_accuracy
     if len(train_y) == 0 or len(test_y) == 0:
         raise ValueError(f"linear probe: {len(train_y)} train and {len(test_y)} test samples; both splits need samples.")

@@ -164,9 +164,11 @@ def write_probe_sets(root, per_class: dict[str, int]) -> None:
     (wds / "dataset_type.txt").write_text("classification\n")
 
 
-def test_cli_on_an_export_on_1_and_2_ranks_equals_the_probe_on_its_features(trained, tokenizer_dir, tmp_path):
+def test_cli_on_an_export_on_1_and_2_ranks_equals_the_probe_on_its_features(trained, tokenizer_dir, tmp_path,
+                                                                           monkeypatch):
     """`python -m pretrain.evaluate --linear-probe` on a native export: 1 rank gives exactly the probe run
-    here on features embedded here; 2 ranks (features gathered, put back in key order) give the same."""
+    here on features embedded here; 2 ranks (features gathered, put back in key order) give the same; and
+    clip_benchmark's probe on those features of real images agrees."""
     import json
     from types import SimpleNamespace
 
@@ -194,6 +196,15 @@ def test_cli_on_an_export_on_1_and_2_ranks_equals_the_probe_on_its_features(trai
             assert got[1][f"{name}/linear_probe_{k}"] == want[k], (name, k)
             assert got[2][f"{name}/linear_probe_{k}"] == pytest.approx(want[k], abs=1.01 / want["n_test"]), (name, k)
         assert want["n_train"] == 50 and want["n_test"] == 30 and 0.2 < want["top1"] < 1.0, want
+        opts = lp.ProbeOptions()
+        tr, va = split_train_val(50, opts.val_proportion, opts.seed)
+        (x, y), test = split["train"], split["test"]
+        with monkeypatch.context() as m:
+            _cpu_for_cuda(m)
+            _numpy2_float(m)
+            theirs = clip_benchmark_probe(tmp_path / f"cb_{name}", (x[tr], y[tr]), (x[va], y[va]), test, opts)
+        assert theirs["weight_decay"] == want["weight_decay"]
+        assert theirs["lp_acc1"] == pytest.approx(want["top1"], abs=1e-6), (name, theirs, want)
 
 
 
