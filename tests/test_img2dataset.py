@@ -12,8 +12,8 @@ trainer runs `--steps 1ep` (5 steps at a global batch of 8) on 2 ranks with Deep
 probe at its final evaluation, checked against `python -m pretrain.evaluate`), and
 `python -m data.precompute_fine` adds MiniLM text features to it.
 
-Cost: img2dataset ~40 s (mostly its worker process importing), training ~60 s, precompute ~20 s on 2
-shared cores.
+Cost (2 cores shared with other jobs, user CPU ~90 s in all): img2dataset 60-110 s wall (mostly its worker
+process importing), the 2-rank training plus the CLI's probe 110-220 s, precompute 25-35 s.
 """
 from __future__ import annotations
 
