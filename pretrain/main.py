@@ -137,7 +137,7 @@ def run(cfg: TrainConfig, env: pdist.DistEnv, log, stop: StopFlag) -> int:
                  f"{EXIT_PREEMPTED} (resume with --resume latest)")
         log.write({"kind": "event", "event": "preempted", "signal": stop.name or "another rank", "step": state.step})
         return EXIT_PREEMPTED
-    final = evals.run(engine, state.step)
+    final = evals.run(engine, state.step, final=True)
     state.history.append(final)
     save()
     if env.is_main:

@@ -2,6 +2,7 @@
 
     python -m pretrain.evaluate --checkpoint RUN|RUN/checkpoints|TAG_DIR|EXPORT_DIR [--tag latest] \\
         --zeroshot-data imagenet:/data/imagenet/val --retrieval-data clip_benchmark:/data/wds --out res.json
+    python -m pretrain.evaluate --checkpoint ... --linear-probe clip_benchmark:/data/wds [--fewshot-k 10]
     torchrun --nproc_per_node 8 -m pretrain.evaluate ...      # or srun (slurm/eval.sh): one rank per GPU
 
 A training checkpoint is merged with DeepSpeed's zero_to_fp32 on the CPU, so it evaluates on any number
@@ -195,8 +196,13 @@ def evaluate(args, env, device, log=print) -> dict:
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         metrics = runner.measure(model, device)
+        if args.linear_probe != "none":  # features at --precision; the probe itself trains in fp32
+            from pretrain import linear_probe
+            metrics.update(linear_probe.run(model, config, env, device, args.linear_probe, linear_probe.options(args),
+                                            args.batch_size, args.workers, log=log))
     result = {"checkpoint": str(source), "format": kind, "precision": args.precision, "world_size": env.world_size,
-              "zeroshot_data": args.zeroshot_data, "retrieval_data": args.retrieval_data, "metrics": metrics}
+              "zeroshot_data": args.zeroshot_data, "retrieval_data": args.retrieval_data,
+              "linear_probe": args.linear_probe, "metrics": metrics}
     if env.is_main:
         out.write_text(json.dumps(result, indent=2) + "\n")
         shutil.rmtree(scratch, ignore_errors=True)
@@ -229,9 +235,15 @@ def parse(argv=None):
     p.add_argument("--workers", type=int, default=2, help="data loader processes per rank")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default: bf16 on GPUs, fp32 on CPU")
     p.add_argument("--out", help="results JSON (default: RUN/eval/<tag>/results.json or EXPORT/eval/<fmt>/results.json)")
+    from pretrain import linear_probe
+    linear_probe.add_arguments(p)
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.workers < 0:
         p.error(f"--batch-size {args.batch_size} must be >= 1 and --workers {args.workers} >= 0.")
+    try:
+        linear_probe.options(args)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -246,7 +258,9 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     args.precision = args.precision or ("bf16" if cuda else "fp32")
     from pretrain.evaluate.specs import check_eval_data
+    from pretrain.evaluate.linear_probe import check_spec
     problems = check_eval_data("zeroshot_data", args.zeroshot_data) + check_eval_data("retrieval_data", args.retrieval_data)
+    problems += check_spec(args.linear_probe)
     if problems:
         if env.is_main:
             print("error: " + "\n  ".join(problems), file=sys.stderr)

@@ -31,6 +31,7 @@ class EvalOptions:
     eval_batch_size: int
     workers: int
     output_dir: str                      # RUN: diagnostics go to RUN/diagnostics, results to RUN/results.json
+    linear_probe_data: str = "none"      # a linear probe at the final evaluation (linear_probe.py SPEC), or "none"
 
     @classmethod
     def of(cls, cfg) -> "EvalOptions":
@@ -177,10 +178,18 @@ class EvalRunner:
             flat.update({f"{s.name}/{k}": v for k, v in r.items()})
         return flat
 
-    def run(self, engine, step: int) -> dict:
+    def run(self, engine, step: int, final: bool = False) -> dict:
         """Collective: every rank evaluates its share; returns {"step", "<set>/<metric>": value}."""
         engine.eval()
         flat = self.measure(engine.module.model, engine.device)
+        if final and self.cfg.linear_probe_data != "none":  # minutes on ImageNet: the final evaluation only
+            from pretrain.evaluate import linear_probe
+            try:
+                flat.update(linear_probe.run(engine.module.model, self.model_cfg, self.env, engine.device,
+                                             self.cfg.linear_probe_data, linear_probe.ProbeOptions(),
+                                             self.cfg.eval_batch_size, self.cfg.workers, log=self.log.info))
+            except ValueError as e:  # raised alike on every rank (gathered data); the final checkpoint comes next
+                self.log.info(f"linear probe skipped: {e}")
         flat.update(self.diagnostics.run(engine, step, Path(self.cfg.output_dir)))  # RUN/diagnostics/step_*.png
         engine.train()
         self.log.log(step, flat, kind="eval")

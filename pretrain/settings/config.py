@@ -91,6 +91,7 @@ class TrainConfig:
     specs: dict = field(repr=False)      # intervals as written by the user ("5%", "2ep", ...)
     derived: tuple[str, ...] = ()        # human-readable derived values, logged once
     debug_data_error: str = ""           # fault injection for tests: "1@3" = rank 1's 3rd batch raises a DataError
+    linear_probe_data: str = "none"      # final evaluation only: pretrain/evaluate/linear_probe.py SPEC, or "none"
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -139,7 +140,7 @@ DEFAULTS = dict(
     eval_every="0", log_every=10, lr=None, blr=None, min_lr=0.0, weight_decay=0.1, batch_size=None,
     micro_batch=None, grad_accum=None, contrastive_batch="global", output_dir=None, resume=None, keep_checkpoints=2,
     report_to="jsonl", wandb_project="softclip", max_nonfinite=5, debug_nan="",
-    debug_data_error="", deepspeed_config=None)
+    debug_data_error="", deepspeed_config=None, linear_probe_data="none")
 SOFT_OPTIONS = ("alpha", "beta", "soft_temperature", "soft_source", "soft_standardize", "soft_topk",
                 "soft_warmup", "soft_image_source", "soft_text_source", "ema_decay", "similarity_dtype")
 DATA_SAMPLING = ("resampled", "epochs")  # data.make_train_loader(resampled=True / False)
@@ -181,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
       "imagenet[-v2|-r|-sketch|-a]:PATH, clip_benchmark:ROOT, a class folder or labelled shards; comma-joined")
     a("--retrieval-data", help="'embedded' (held-out emoji pairs), 'none', clip_benchmark:ROOT or image-text shards")
     a("--eval-batch-size", type=int)
+    a("--linear-probe-data", help="also a linear probe at the final evaluation (off: 'none'): clip_benchmark:ROOT "
+      "or DIR with train/ and test/; python -m pretrain.evaluate --linear-probe takes the same")
     a("--steps", help="total optimizer steps (or examples '2e6ex', epochs '3ep')")
     a("--warmup", help="linear warmup: steps, percent of --steps, examples or epochs")
     a("--save-every", help="checkpoint interval (0: end only); same units as --warmup")
@@ -271,6 +274,9 @@ def build_config(argv: list[str] | None, env: DistEnv, cuda: bool, check_files: 
         derived.append(f"TF32 {'on' if raw['tf32'] is True else 'off'} for fp32 matmuls and convolutions; "
                        f"soft-target similarity matmul: {raw['similarity_dtype']}")
     check_target_sources(raw, explicit, problems)
+    if check_files:
+        from pretrain.evaluate.linear_probe import check_spec
+        problems += check_spec(str(raw["linear_probe_data"]), flag="--linear-probe-data")
     need(raw["data_sampling"] in DATA_SAMPLING,
          f"--data-sampling {raw['data_sampling']!r} must be one of {', '.join(DATA_SAMPLING)}.")
     need(raw["train_data"] is not None, "--train-data is required (e.g. data/embedded/shards/train-{000000..000003}.tar).")
@@ -314,6 +320,10 @@ def build_config(argv: list[str] | None, env: DistEnv, cuda: bool, check_files: 
 
     # everything in steps
     n_ep = raw["train_num_samples"]
+    if n_ep is None and raw["train_data"] is not None:
+        # epoch units (--steps 2ep) count what the loader will read: sizes.json or img2dataset's *_stats.json
+        from pretrain.settings.preflight import counted_samples
+        n_ep = counted_samples(resolve_train_data(str(raw["train_data"])))
     steps = warmup = save_every = eval_every = soft_warmup = 0
     try:
         steps = schedule.to_steps(raw["steps"], "--steps", total_steps=None, global_batch=global_batch,
@@ -359,6 +369,7 @@ def build_config(argv: list[str] | None, env: DistEnv, cuda: bool, check_files: 
         tokenizer=str(raw["tokenizer"]),
         workers=int(raw["workers"]), seed=int(raw["seed"]), zeroshot_data=str(raw["zeroshot_data"]),
         retrieval_data=str(raw["retrieval_data"]), eval_batch_size=int(raw["eval_batch_size"]),
+        linear_probe_data=str(raw["linear_probe_data"]),
         steps=steps, warmup_steps=warmup, save_every=save_every, eval_every=eval_every,
         log_every=int(raw["log_every"]), lr=lr, min_lr=float(raw["min_lr"]),
         weight_decay=float(raw["weight_decay"]), global_batch=global_batch, micro_batch=micro,

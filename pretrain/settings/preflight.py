@@ -42,3 +42,15 @@ def check_sample_count(urls: list[str], num_samples, problems: list[str]) -> Non
         problems.append(f"--train-data: the shards' size files count 0 samples in all {len(urls)} shards "
                         f"(e.g. {urls[0]}); point --train-data at shards that hold samples, or fix "
                         f"sizes.json if the count is wrong.")
+
+
+def counted_samples(train_data: str) -> int | None:
+    """The samples the shards' size files count (sizes.json, img2dataset's *_stats.json "successes":
+    its failed downloads are not in the shards); None when any shard's count is unknown."""
+    from data.shards import expand_patterns, read_shard_sizes
+    try:
+        sizes = read_shard_sizes(expand_patterns(train_data))
+    except (ValueError, OSError):
+        return None
+    return sum(sizes) if sizes else None
+
