@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from pretrain.evaluate import metrics as ev
-from pretrain.evaluate.evalset import EvalSet
+from pretrain.evaluate.evalset import EvalSet, FolderLoader
 from pretrain.evaluate.metrics import DEFAULT_TEMPLATES
 
 
@@ -97,26 +97,6 @@ def _resolve_one(kind: str, spec: str) -> list[EvalSet]:
     elif kind == "retrieval" and spec != "none":
         sets.append(EvalSet("retrieval", Path(spec.split("{")[0]).parent.name or "retrieval", spec))
     return sets
-
-
-class FolderLoader:
-    """ImageNet-style class folders through the pipeline's eval transform, split across ranks."""
-
-    def __init__(self, root: str, model_cfg, batch_size: int, rank: int, world_size: int, workers: int):
-        from torchvision.datasets import ImageFolder
-        from data.transforms import EvalTransform, to_rgb
-        v = model_cfg.vision
-        tf = EvalTransform(v.image_size)
-        ds = ImageFolder(root, transform=lambda img: tf(to_rgb(img)))
-        idx = list(range(rank, len(ds), world_size))
-        from pretrain.runtime.workers import _ignore_stop_signals
-        self.loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=batch_size,
-                                                  num_workers=workers,
-                                                  worker_init_fn=_ignore_stop_signals if workers else None)
-
-    def __iter__(self):
-        for images, labels in self.loader:   # uint8, normalised on the device (evaluate.embed_pairs)
-            yield {"images": images, "labels": labels}
 
 
 class EvalRunner:

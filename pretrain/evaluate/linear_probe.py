@@ -254,7 +254,7 @@ def check_spec(value: str, flag: str = "--linear-probe") -> list[str]:
 # ------------------------------------------------------------------------------------------- features
 def _batches(data: str, model_cfg, batch_size: int, env, workers: int):
     """This rank's labelled batches of a split, each with the samples' keys (their canonical order)."""
-    from pretrain.evaluate.evalsets import FolderLoader
+    from pretrain.evaluate.evalset import FolderLoader
     v = model_cfg.vision
     if not any(Path(data).glob("*.tar")):
         # ImageFolder rank r holds samples r, r + W, r + 2W, ... in order: that index is the key
