@@ -19,6 +19,7 @@ by extension are passed through as lists. Precomputed fine-grained members asked
 
 from __future__ import annotations
 
+import collections
 import itertools
 import random
 import warnings
@@ -66,6 +67,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.max_fail_fraction, self.min_fail_samples = max_fail_fraction, min_fail_samples
         self.fine = dict(fine or {})
         self.epoch = 0
+        self._epoch_over = False  # set once the worker's batches are out (judge_reads_in_flight)
 
     # shard order ---------------------------------------------------------------------------
     def worker_shards(self, worker: int) -> Iterator[int]:
@@ -86,10 +88,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         for pass_index in itertools.count():
             groups = self.read_shards(self.worker_shards(worker), log)
             if self.shuffle_buffer > 1:
-                groups = shuffled(groups, self.shuffle_buffer, rng)
+                groups = shuffled(groups, self.shuffle_buffer, rng, read_of=lambda g: (g["__url__"], g["__read__"]))
             good_before = sum(log.ok.values())
             yield from groups
-            if self.mode != "epochs":
+            if self.mode != "epochs" or self._epoch_over:  # see judge_reads_in_flight
                 return
             if sum(log.ok.values()) == good_before:  # decoding keeps pace: the pass is fully decoded
                 raise DataError(f"{log.where}: none of its shards in epoch {self.epoch} gave a usable sample "
@@ -112,12 +114,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         for index in indices:
             url, produced = self.shardset.shards[index], False
             if not log.is_dropped(url):      # a shard judged broken earlier is not read again
-                log.started(url)
+                read = log.started(url)
                 groups = iter_tar_groups(url, log, wanted)
                 try:
                     for group in groups:
                         produced = True
-                        log.queued(url)
+                        log.queued(url, read)
+                        group["__read__"] = read  # the verdicts on its samples count for this read (SkipLog)
                         yield group
                         if log.is_dropped(url):  # judged broken while being read: skip the rest unread
                             break
@@ -125,11 +128,24 @@ class ShardStream(torch.utils.data.IterableDataset):
                     groups.close()               # closes the shard's stream now, not at garbage collection
                 log.finished(url)
             unreadable_run = 0 if produced else unreadable_run + 1
+            if not produced:
+                self.check_usable_shards_left(log)
             # Resampled draws over shards that all fail would otherwise spin forever.
             if unreadable_run > 2 * len(self.shardset.shards) + 10:
                 raise DataError(f"{log.where}: the last {unreadable_run} shards drawn gave no sample: unreadable "
                                 f"{sorted(log.unreadable)[:5]}, dropped as broken {sorted(log.dropped)[:5]}. "
                                 "Check the paths and permissions, or drop the broken shards.")
+
+    def check_usable_shards_left(self, log: SkipLog) -> None:
+        """DataError once every shard of the set was dropped as broken or found unreadable (exit 4):
+        the only shard of a small test set dropped would otherwise cost a dozen empty draws first."""
+        shards = self.shardset.shards
+        if len(log.dropped) + len(log.unreadable) < len(shards):
+            return
+        if all(log.is_dropped(url) or url in log.unreadable for url in shards):
+            raise DataError(f"{log.where}: no usable shard is left: dropped as broken "
+                            + ("; ".join(f"{s} ({why})" for s, why in list(log.dropped.items())[:10]) or "none")
+                            + f", unreadable {sorted(log.unreadable)[:10]}. Repair or replace these shards.")
 
     def decoded(self, groups: Iterator[dict], log: SkipLog) -> Iterator[dict]:
         draft = getattr(self.transform, "draft_size", None)
@@ -142,9 +158,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                     sample[member] = decode_fine(group, member, widths[member])
                     widths[member] = sample[member].shape[1]
             except SampleError as exc:
-                log.skip(group["__url__"], exc.reason)
+                log.skip(group["__url__"], exc.reason, read=group.get("__read__"))
                 continue
-            log.good(group["__url__"])
+            log.good(group["__url__"], group.get("__read__"))
             yield sample
 
     def __iter__(self) -> Iterator[dict]:
@@ -158,9 +174,30 @@ class ShardStream(torch.utils.data.IterableDataset):
         log = SkipLog(self.max_fail_fraction, self.min_fail_samples, f"rank {self.rank} worker {worker}",
                       per_shard=self.mode != "eval")
         rng = random.Random(f"samples:{self.seed}:{self.epoch}:{self.rank}:{worker}")
-        yield from self.batches(self.decoded(self.raw_samples(worker, log, rng), log), log, rng)
+        samples = self.decoded(self.raw_samples(worker, log, rng), log)
+        self._epoch_over = False
+        yield from self.batches(samples, log, rng)
         if self.mode == "eval":
             log.check()
+        else:
+            self.judge_reads_in_flight(samples, log)
+
+    def judge_reads_in_flight(self, samples: Iterator[dict], log: SkipLog) -> None:
+        """At the end of the worker's epoch, decode on (up to min_fail_samples more samples, given to
+        nobody) until the shard reads still open are decoded to their end, so that they are judged.
+
+        A shard smaller than min_fail_samples is judged only once one read of it is fully decoded,
+        and a worker that needs fewer samples per epoch than the shard holds (a small data set on
+        several ranks) would otherwise never finish a read: its workers start afresh every epoch
+        (data/loaders.py), and a broken shard ran on unnamed for the whole run (issue 21). The
+        bound keeps the epoch's end prompt for large shards, which are judged as they are read."""
+        self._epoch_over = True  # no new pass over the shards: only the reads in flight are finished
+        open_reads, extra = set(log.read_shard), 0
+        while not open_reads.isdisjoint(log.read_shard) and extra < self.min_fail_samples:
+            if next(samples, None) is None:
+                break
+            extra += 1
+        self.check_usable_shards_left(log)
 
     # batches -------------------------------------------------------------------------------
     def batches(self, stream: Iterator[dict], log: SkipLog, rng: random.Random) -> Iterator[dict]:
@@ -207,24 +244,60 @@ class ShardStream(torch.utils.data.IterableDataset):
         return batch
 
 
-def shuffled(stream: Iterator, bufsize: int, rng: random.Random, initial: int | None = None) -> Iterator:
+def shuffled(stream: Iterator, bufsize: int, rng: random.Random, initial: int | None = None,
+             read_of=None) -> Iterator:
     """Sample-level shuffle through a buffer of up to `bufsize` samples. Shards already come in
     random order; this mixes samples of neighbouring shards. Output starts once `initial` samples
     are buffered (default bufsize // 10) and the buffer then grows by one per sample given out,
-    so the first batch does not wait for the whole buffer (webdataset's shuffle does the same)."""
+    so the first batch does not wait for the whole buffer (webdataset's shuffle does the same).
+
+    `read_of(sample)` -> (shard, read id): when a shard is read again while samples of its previous
+    read are still buffered (data smaller than the buffer), the buffer is emptied first, in random
+    order. Otherwise the reads of a small shard pile up in the buffer, a batch can hold the same pair
+    twice (a false negative for the contrastive loss), and no read of the shard is ever decoded to
+    the end, which is when SkipLog judges a small shard (issue 21)."""
     stream = iter(stream)
     initial = max(1, bufsize // 10 if initial is None else min(initial, bufsize))
     buffer: list = []
-    for sample in stream:
+    in_buffer: collections.Counter = collections.Counter()  # (shard, read id) -> its samples in the buffer
+    reads: dict = {}                                         # shard -> the read id those samples are from
+
+    def add(sample) -> Iterator:
+        """Buffer `sample`; first give out the whole buffer if it holds an older read of its shard."""
+        if read_of is not None:
+            shard, read = read_of(sample)
+            if reads.setdefault(shard, read) != read:
+                drained = buffer[:]
+                buffer.clear()
+                in_buffer.clear()
+                reads.clear()
+                reads[shard] = read
+                rng.shuffle(drained)
+                yield from drained
+            in_buffer[shard, read] += 1
         buffer.append(sample)
+
+    def take() -> object:
+        i = rng.randrange(len(buffer))
+        buffer[i], buffer[-1] = buffer[-1], buffer[i]
+        sample = buffer.pop()
+        if read_of is not None:
+            shard, read = read_of(sample)
+            in_buffer[shard, read] -= 1
+            if not in_buffer[shard, read]:
+                del in_buffer[shard, read]
+                del reads[shard]
+        return sample
+
+    for sample in stream:
+        yield from add(sample)
         if len(buffer) < initial:
             continue
         if len(buffer) < bufsize:
             extra = next(stream, None)
             if extra is not None:
-                buffer.append(extra)
-        i = rng.randrange(len(buffer))
-        buffer[i], buffer[-1] = buffer[-1], buffer[i]
-        yield buffer.pop()
+                yield from add(extra)
+        if buffer:
+            yield take()
     rng.shuffle(buffer)
     yield from buffer

@@ -73,71 +73,109 @@ class SkipLog:
         self.min_samples = min_samples
         self.where = where
         self.per_shard = per_shard
-        self.ok = collections.Counter()
+        self.ok = collections.Counter()            # per shard, every read counted (what the batches lost)
         self.bad = collections.Counter()
         self.reasons = collections.Counter()
-        self.shard_reasons: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.unreadable: dict[str, str] = {}
         self.dropped: dict[str, str] = {}          # shard -> why it was dropped (per_shard mode)
-        self.pending = collections.Counter()       # samples read from a shard but not yet decoded
-        self.reading: set[str] = set()             # shards whose reading has not finished
+        # The verdict on a shard comes from one read of it: a small shard re-read to fill an epoch
+        # would otherwise count its bad samples once per read, and, never "complete" while its next
+        # read is in progress, never be judged (issue 21). Each read has an id; the pipeline tags its
+        # samples with it (ShardStream.read_shards) and keeps reads of one shard from interleaving.
+        self.reads = 0                             # ids handed out so far
+        self.current: dict[str, int] = {}          # shard -> id of its latest read
+        self.read_shard: dict[int, str] = {}       # read id -> shard, while the read is not judged complete
+        self.read_ok = collections.Counter()       # read id -> samples decoded fine
+        self.read_bad = collections.Counter()      # read id -> samples that failed
+        self.read_reasons: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.pending = collections.Counter()       # read id -> samples read but not yet decoded
+        self.reading: set[int] = set()             # reads the tar reader has not finished
         self.since_batch = 0
 
     # per-sample verdicts -------------------------------------------------------------------------
-    def good(self, shard: str) -> None:
+    def good(self, shard: str, read: int | None = None) -> None:
         self.ok[shard] += 1
-        self._decoded(shard)
+        read = self._read_id(shard, read)
+        if read in self.read_shard:  # else a leftover of a read already judged and dropped
+            self.read_ok[read] += 1
+            self._decoded(read)
 
-    def skip(self, shard: str, reason: str, n: int = 1, decoded: bool = True) -> None:
+    def skip(self, shard: str, reason: str, n: int = 1, decoded: bool = True, read: int | None = None) -> None:
         """`decoded=False` for a failure found by the tar reader itself (no queued sample)."""
         self.bad[shard] += n
         self.reasons[reason] += n
-        self.shard_reasons[shard][reason] += n
         self.since_batch += n
+        read = self._read_id(shard, read)
+        if read not in self.read_shard:  # a leftover of a read already judged and dropped
+            return
+        self.read_bad[read] += n
+        self.read_reasons[read][reason] += n
         if decoded:
-            self._decoded(shard)
+            self._decoded(read)
         if self.per_shard:
-            self._judge(shard)
+            self._judge(read)
         elif sum(self.ok.values()) + sum(self.bad.values()) >= self.min_samples:
             self.check()
 
-    # per-shard bookkeeping (the pipeline calls these around each read of a shard) -----------------
-    def started(self, shard: str) -> None:
-        self.reading.add(shard)
+    # per-read bookkeeping (the pipeline calls these around each read of a shard) ------------------
+    def started(self, shard: str) -> int:
+        """A new read of `shard` begins: its id, for tagging the samples it yields."""
+        self.reads += 1
+        self.current[shard] = self.reads
+        self.read_shard[self.reads] = shard
+        self.reading.add(self.reads)
+        return self.reads
 
-    def queued(self, shard: str) -> None:
-        self.pending[shard] += 1
+    def queued(self, shard: str, read: int | None = None) -> None:
+        self.pending[self._read_id(shard, read)] += 1
 
     def finished(self, shard: str) -> None:
-        self.reading.discard(shard)
-        self._judge(shard)
+        read = self._read_id(shard, None)
+        self.reading.discard(read)
+        self._judge(read)
 
-    def _decoded(self, shard: str) -> None:
-        if self.pending[shard] > 0:
-            self.pending[shard] -= 1
-        if self.per_shard and self.pending[shard] == 0 and shard not in self.reading:
-            self._judge(shard)
+    def _read_id(self, shard: str, read: int | None) -> int:
+        if read is not None:
+            return read
+        if shard not in self.current:  # a caller that never announced its reads: one read per shard
+            self.started(shard)
+            self.reading.discard(self.current[shard])
+        return self.current[shard]
 
-    def _judge(self, shard: str) -> None:
-        if not self.per_shard or shard in self.dropped:
+    def _decoded(self, read: int) -> None:
+        if self.pending[read] > 0:
+            self.pending[read] -= 1
+        if self.per_shard and self.pending[read] == 0 and read not in self.reading:
+            self._judge(read)
+
+    def _judge(self, read: int) -> None:
+        shard = self.read_shard.get(read)
+        if not self.per_shard or shard is None or shard in self.dropped:
             return
-        seen = self.ok[shard] + self.bad[shard]
-        complete = shard not in self.reading and self.pending[shard] == 0
-        if not (complete or seen >= self.min_samples) or self.bad[shard] <= self.max_fail_fraction * seen:
+        seen = self.read_ok[read] + self.read_bad[read]
+        complete = read not in self.reading and self.pending[read] == 0
+        if self.read_bad[read] <= self.max_fail_fraction * seen or not (complete or seen >= self.min_samples):
+            if complete:  # judged whole and kept: its counters are no longer needed
+                self._forget(read)
             return
-        reasons = ", ".join(f"{r}: {n}" for r, n in self.shard_reasons[shard].most_common(3))
-        self.dropped[shard] = f"{self.bad[shard]} bad / {seen} ({reasons})"
-        read = len(set(self.ok) | set(self.bad))
-        if len(self.dropped) >= 2 and len(self.dropped) > self.max_fail_fraction * read:
-            raise RuntimeError(
-                f"{self.where}: {len(self.dropped)} of the {read} shards it read had more than max_fail_fraction="
-                f"{self.max_fail_fraction} of their samples fail: " + "; ".join(
+        reasons = ", ".join(f"{r}: {n}" for r, n in self.read_reasons[read].most_common(3))
+        self.dropped[shard] = f"{self.read_bad[read]} bad / {seen} ({reasons})"
+        self._forget(read)
+        read_shards = len(set(self.ok) | set(self.bad))
+        if len(self.dropped) >= 2 and len(self.dropped) > self.max_fail_fraction * read_shards:
+            raise DataError(
+                f"{self.where}: {len(self.dropped)} of the {read_shards} shards it read had more than "
+                f"max_fail_fraction={self.max_fail_fraction} of their samples fail: " + "; ".join(
                     f"{s} ({why})" for s, why in list(self.dropped.items())[:20])
                 + ". Drop these shards from the training data (or repair them), or raise max_fail_fraction "
                 "if this failure rate is expected.")
         warnings.warn(f"{self.where}: shard {shard!r} has {self.dropped[shard]} failed samples (more than "
                       f"max_fail_fraction={self.max_fail_fraction}); it is skipped from now on. Drop it from the "
                       "training data.", RuntimeWarning, stacklevel=2)
+
+    def _forget(self, read: int) -> None:
+        for table in (self.read_shard, self.read_ok, self.read_bad, self.read_reasons, self.pending):
+            table.pop(read, None)
 
     def is_dropped(self, shard: str) -> bool:
         return shard in self.dropped

@@ -167,6 +167,16 @@ def save_config(cfg: TrainConfig, log) -> None:
     cfg.save(path)
 
 
+def fail_at_end_for_tests(rank: int) -> None:
+    """Test hook (tests/test_faults.py): SOFTCLIP_TEST_FAIL_AT_END=R raises a DataError on rank R a few
+    seconds after its run finished, when its peers are waiting at the final barrier."""
+    if os.environ.get("SOFTCLIP_TEST_FAIL_AT_END") == str(rank):
+        import time
+        from data.tario import DataError
+        time.sleep(5)
+        raise DataError("injected by SOFTCLIP_TEST_FAIL_AT_END after the run finished")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -196,10 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             code = run(cfg, env, log, stop)
+            fail_at_end_for_tests(env.rank)
+            # The final barrier, on the store with the watcher on: a rank failing after the others
+            # finished ends them with its code (a process-group barrier would hold NCCL peers for
+            # the group's timeout); rank 0, which hosts the store, leaves last.
+            watch.finish()
         except Exception as e:  # any rank's failure ends every rank, with one exit code (pretrain/runtime/failfast.py)
             fail_and_exit(e, watch, env.rank, log)
-        watch.stop()
-        barrier()  # rank 0 takes the store with it: no rank leaves while a peer's watcher still polls it
         return code
     finally:
         stop.uninstall()

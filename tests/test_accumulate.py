@@ -15,7 +15,6 @@ step, and the test checks that every configuration saw exactly the reference's g
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ if __package__ in (None, ""):  # run as a worker script by the tests below
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.test_target_sources import _batch, _fine
-from tests.test_train_support import REPO, free_port, wait
+from tests.test_train_support import REPO, launch_script, wait
 
 GLOBAL, STEPS = 32, 3
 SOURCES = {
@@ -116,14 +115,7 @@ def _train(env, ds: str, src: str, mode: str, accum: int, micro: int, weights_pa
 
 
 def _launch(tmp_path: Path, run: str) -> list[subprocess.Popen]:
-    world = RUNS[run][0]
-    port, procs = str(free_port()), []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, PYTHONUNBUFFERED="1")
-        procs.append(subprocess.Popen([sys.executable, __file__, "worker", str(tmp_path), run], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    return procs
+    return launch_script(__file__, RUNS[run][0], "worker", str(tmp_path), run)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import warnings
 import pytest
 
 from data import make_train_loader
-from data.tario import SkipLog, iter_tar_groups
+from data.tario import DataError, SkipLog, iter_tar_groups
 from tests.test_data_safety import MEAN, STD, good, tok, write_shard  # noqa: F401 (tok: fixture)
 
 KW = dict(batch_size=4, image_size=16, mean=MEAN, std=STD, num_workers=0, shuffle_buffer=0)
@@ -84,3 +84,33 @@ def test_the_pipeline_asks_only_for_what_it_batches(tmp_path, tok, monkeypatch):
     batches = list(make_train_loader(str(tmp_path / "00000.tar"), tok, num_samples=8, resampled=False, **KW))
     assert sum(len(b["keys"]) for b in batches) == 8
     assert {name.split(".", 1)[1] for name in read} == {"png", "txt"}
+
+
+def test_a_small_bad_shard_is_judged_once_decoded_and_a_run_left_without_shards_stops(tmp_path, tok):  # noqa: F811
+    """Issue 21: one shard of 64 samples, 5 bad (7.8% > 5%), smaller than the 256 samples of a
+    partial verdict and than the shuffle buffer, re-read to fill each epoch. Before the fix its reads
+    piled up in the shuffle buffer, none was ever decoded to the end, and ten epochs ran through with
+    no warning and no error."""
+    write_shard(tmp_path / "00000.tar", [(broken if i % 13 == 0 else good)(f"{i:09d}") for i in range(64)])
+    loader = make_train_loader(str(tmp_path / "00000.tar"), tok, num_samples=64,
+                               **dict(KW, batch_size=32, num_workers=1, shuffle_buffer=2000))
+    with pytest.raises(DataError, match=r"no usable shard is left: dropped as broken .*00000\.tar \(5 bad / 64 "
+                                        r"\(corrupt image: 5\)\)"):
+        for epoch in range(10):  # the user's run: 20 steps of 32 = 10 epochs of 64 samples
+            loader.set_epoch(epoch)
+            for _ in loader:
+                pass
+    assert epoch == 0  # the warning naming the shard comes first: tests/test_faults.py sees it in a run's output
+
+
+def test_a_reread_shard_is_judged_on_one_read_and_given_out_once_per_read(tmp_path, tok):  # noqa: F811
+    """3 bad in 64 (4.7%) stays under the bound however often the shard is re-read (the counts of
+    several reads are not added up), and the shuffle buffer never holds two reads of it at once:
+    no batch carries the same pair twice."""
+    write_shard(tmp_path / "00000.tar", [(broken if i % 25 == 0 else good)(f"{i:09d}") for i in range(64)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "its shards ran out ...; re-reading them"
+        batches = list(make_train_loader(str(tmp_path / "00000.tar"), tok, num_samples=305,
+                                         **dict(KW, batch_size=61, shuffle_buffer=2000)))
+    assert len(batches) == 5 and all(len(set(b["keys"])) == 61 for b in batches)
+    assert sum(int(b["skipped"]) for b in batches) == 3 * 5  # five reads, each of its 3 bad samples skipped

@@ -84,3 +84,29 @@ def test_two_rank_ema_run_writes_the_panel_and_logs_the_numbers(ema_run):
     assert w > 600 and h > 800
     final = json.loads((ema_run / "results.json").read_text())["final"]
     assert final["probe/s_diag"] == e["probe/s_diag"]
+
+
+def test_without_a_retrieval_set_the_probe_is_the_first_training_pairs(embedded):  # noqa: F811
+    """Issue 21: with --retrieval-data none (ImageNet-only evaluation) there was no probe at all."""
+    import tarfile
+    from data.tokenizer import Tokenizer
+    from models import get_model_config
+    model_cfg = get_model_config("tiny-test")
+    tokenizer = Tokenizer.load(str(embedded / "tokenizer"), context_length=model_cfg.text.context_length)
+    first_shard = sorted((embedded / "shards").glob("train-*.tar"))[0]
+    cfg = SimpleNamespace(train_data=f"{embedded}/shards/train-*.tar")
+    probe = dg.Diagnostics(cfg, None, tokenizer, model_cfg, []).probe()
+    with tarfile.open(first_shard) as tar:  # the known answer: the shard's first 64 keys
+        first = list(dict.fromkeys(m.name.split(".", 1)[0] for m in tar))[:dg.PROBE_SIZE]
+    assert probe["keys"] == first and probe["input_ids"].shape[0] == dg.PROBE_SIZE
+
+
+def test_two_rank_run_without_retrieval_set_still_writes_diagnostics(embedded, tmp_path):  # noqa: F811
+    from tests.test_train_support import launch, train_args, wait
+    run = tmp_path / "run"
+    codes, out = wait(launch(train_args(embedded, run, "--retrieval-data", "none", "--steps", "3",
+                                        "--save-every", "0", "--workers", "1")), timeout=420)
+    assert codes == [0, 0], out[-4000:]
+    e = records(run, "eval")[-1]
+    assert e["step"] == 3 and 1 / 64 <= e["probe/s_diag"] <= 1 and 0 <= e["probe/s_entropy"] <= math.log(64) + 1e-6
+    assert (run / "diagnostics" / "step_00000003.png").stat().st_size > 20_000

@@ -97,20 +97,48 @@ def bad_data(tmp_path_factory) -> dict[str, Path]:
     return dict(corrupt=root / "corrupt.tar", empty=root / "empty.tar")
 
 
+def write_small_bad_shard(embedded: Path, path: Path, n: int = 64, bad_every: int = 13) -> None:
+    """The first n embedded training pairs, every bad_every-th image replaced by bytes that are no
+    image: 5 bad of 64 (7.8% > the 5% bound) in a shard smaller than a partial verdict's 256."""
+    first = sorted((embedded / "shards").glob("train-*.tar"))[0]
+    with tarfile.open(first) as src, tarfile.open(path, "w") as out:
+        keys: list[str] = []
+        for member in src:
+            key, ext = member.name.split(".", 1)
+            if key not in keys:
+                keys.append(key)
+            if len(keys) > n:
+                break
+            data = src.extractfile(member).read()
+            if (len(keys) - 1) % bad_every == 0 and ext in ("jpg", "png", "webp"):
+                data = b"not an image"
+            info = tarfile.TarInfo(member.name)
+            info.size = len(data)
+            out.addfile(info, BytesIO(data))
+
+
 # (mode, world): every failure mode on 1 and 2 ranks
 CASES = [("worker-data-error", 1), ("worker-data-error", 2), ("one-rank-data-error", 1), ("one-rank-data-error", 2),
-         ("unreadable", 1), ("unreadable", 2), ("nonfinite", 2), ("killed", 1), ("killed", 2)]
+         ("unreadable", 1), ("unreadable", 2), ("nonfinite", 2), ("killed", 1), ("killed", 2),
+         ("small-bad-shard", 2), ("fail-at-end", 2)]
 
 
 @pytest.mark.parametrize("mode, world", CASES, ids=[f"{m}-{w}rank" for m, w in CASES])
-def test_every_failure_ends_every_rank_promptly(embedded, bad_data, tmp_path, mode, world):
+def test_every_failure_ends_every_rank_promptly(embedded, bad_data, tmp_path, monkeypatch, mode, world):
     run = tmp_path / "run"
+    if mode == "fail-at-end":  # the last rank fails once the others wait at the final barrier (issue 21)
+        monkeypatch.setenv("SOFTCLIP_TEST_FAIL_AT_END", str(world - 1))
+    if mode == "small-bad-shard":  # issue 21: the user's run of one small shard, 5 of its 64 samples bad
+        write_small_bad_shard(embedded, tmp_path / "mixed-000000.tar")
     extra = {
         "worker-data-error": ("--train-data", str(bad_data["corrupt"]), "--train-num-samples", "400"),
         "one-rank-data-error": ("--debug-data-error", f"{world - 1}@2"),
         "unreadable": ("--train-data", str(bad_data["empty"]), "--train-num-samples", "64"),
         "nonfinite": ("--debug-nan", "2+", "--max-nonfinite", "2"),
         "killed": (),
+        "fail-at-end": ("--steps", "3"),
+        "small-bad-shard": ("--train-data", str(tmp_path / "mixed-000000.tar"), "--train-num-samples", "64",
+                            "--steps", "20", "--batch-size", "32"),
     }[mode]
     ranks = Watched(launch(fault_args(embedded, run, *extra), world=world))
     if mode == "killed":
@@ -125,17 +153,23 @@ def test_every_failure_ends_every_rank_promptly(embedded, bad_data, tmp_path, mo
     out = ranks.output()
 
     expected = {"worker-data-error": EXIT_DATA, "one-rank-data-error": EXIT_DATA, "unreadable": EXIT_DATA,
-                "nonfinite": EXIT_NONFINITE, "killed": EXIT_ERROR}[mode]
+                "nonfinite": EXIT_NONFINITE, "killed": EXIT_ERROR, "small-bad-shard": EXIT_DATA,
+                "fail-at-end": EXIT_DATA}[mode]
     if mode == "killed" and world == 2:
         assert codes[1] == -signal.SIGKILL and codes[0] == EXIT_ERROR, (codes, out[-4000:])
         assert max(exited.values()) - t_kill < EXIT_BOUND_S, out[-3000:]
         return
     assert codes == [expected] * world, (codes, out[-4000:])
     ranks.assert_prompt(exited, "non-finite" if mode == "nonfinite" else "error")
-    if mode in ("worker-data-error", "unreadable", "one-rank-data-error"):
+    if mode == "small-bad-shard":  # judged once decoded, named in a warning, and the run is left without data
+        assert "mixed-000000.tar' has 5 bad / 64 (corrupt image: 5) failed samples" in out, out[-3000:]
+        assert "no usable shard is left" in out, out[-3000:]
+    if mode in ("worker-data-error", "unreadable", "one-rank-data-error", "small-bad-shard"):
         # one clear line, not only a DataLoader traceback
         assert any(line.startswith(f"error: rank {world - 1}: ") for _, line in ranks.lines), out[-3000:]
         assert "%|" not in out  # no progress bar in a log file (it glued onto messages)
+    if mode == "fail-at-end":  # rank 0 is told why, and does not wait for a timeout
+        assert "error: rank 1 failed (exit 4): injected by SOFTCLIP_TEST_FAIL_AT_END" in out, out[-3000:]
     if world == 2 and mode == "one-rank-data-error":
         assert "error: rank 1 failed (exit 4): injected by --debug-data-error" in out, out[-3000:]
 

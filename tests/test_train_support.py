@@ -97,6 +97,17 @@ def launch(args: list[str], world: int = WORLD) -> list[subprocess.Popen]:
     return procs
 
 
+def launch_script(script: str, world: int, *args: str) -> list[subprocess.Popen]:
+    """`world` ranks of `python script args...` (a test module's worker mode), the way torchrun starts them."""
+    port, procs = str(free_port()), []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, PYTHONUNBUFFERED="1")
+        procs.append(subprocess.Popen([sys.executable, script, *args], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
 def wait(procs, timeout: float = 400) -> tuple[list[int], str]:
     deadline = time.time() + timeout
     outs = []

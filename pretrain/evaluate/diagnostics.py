@@ -13,7 +13,9 @@ and draws RUN/diagnostics/step_XXXXXXXX.png: 8 probe images with their captions 
 neighbours under S (thumbnail, caption, weight), and the histograms of S_ii and of the target entropy.
 
 The probe is the first `n` samples of the first retrieval eval set (image-text pairs; labels when its
-shards carry `.cls`, as the embedded emoji sets do). A `precomputed` source has no features for the probe:
+shards carry `.cls`, as the embedded emoji sets do). Without a retrieval set (`--retrieval-data none`,
+ImageNet-only evaluation: its folders have no captions) it is the first `n` pairs of the training
+shards, read in order, the same at every evaluation and on every rank. A `precomputed` source has no features for the probe:
 its modality falls back to the model's own tokens, and the figure says so. With --loss clip the figure
 shows the targets SoftCLIP's default settings would build from the model's tokens.
 """
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 
 PROBE_SIZE = 64
+PROBE_TRAIN_SHARDS = 4  # training shards the fallback probe may come from (a shard of < 64 pairs)
 SHOWN, NEIGHBOURS = 8, 5
 
 
@@ -43,15 +46,31 @@ class Diagnostics:
         self.cfg, self.env, self.tokenizer, self.model_cfg, self.n = cfg, env, tokenizer, model_cfg, n
         self.source = next((s for s in sets if s.kind == "retrieval"), None)
         self._batch = None
+        self.probe_from = ""  # words for the figure: where the probe pairs come from
+
+    def probe_data(self) -> str | None:
+        """Shards of the probe: the first retrieval set's, else the first training shards (module docstring)."""
+        if self.source is not None:
+            self.probe_from = f"the first {self.n} pairs of {self.source.name}"
+            return self.source.data
+        if self.cfg is None or not self.cfg.train_data:
+            return None
+        from data.shards import expand_shards
+        shards = expand_shards(self.cfg.train_data)[:PROBE_TRAIN_SHARDS]
+        self.probe_from = f"the first {self.n} training pairs (no retrieval set)"
+        return "::".join(shards) or None
 
     def probe(self) -> dict | None:
         """The probe batch: the same samples on every rank (rank 0 of a world of 1), loaded once."""
-        if self._batch is None and self.source is not None:
+        if self._batch is None:
+            data = self.probe_data()
+            if data is None:
+                return None
             from data import make_eval_loader
             v = self.model_cfg.vision
-            loader = make_eval_loader(self.source.data, self.tokenizer, batch_size=self.n, image_size=v.image_size,
+            loader = make_eval_loader(data, self.tokenizer, batch_size=self.n, image_size=v.image_size,
                                       mean=v.mean, std=v.std, rank=0, world_size=1, num_workers=0,
-                                      with_labels=_has_labels(self.source.data), require_text=True)
+                                      with_labels=_has_labels(data), require_text=True)
             self._batch = next(iter(loader), None)
         return self._batch
 
@@ -97,7 +116,7 @@ class Diagnostics:
         stats = target_stats(s, batch.get("labels"))
         if self.env.rank == 0:
             path = Path(out_dir) / "diagnostics" / f"step_{step:08d}.png"
-            draw(path, s, batch, self.model_cfg, stats, f"step {step}: {title}")
+            draw(path, s, batch, self.model_cfg, stats, f"step {step}, probe {self.probe_from}: {title}")
         return {f"probe/{k}": v for k, v in stats.items()}
 
 

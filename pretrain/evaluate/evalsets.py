@@ -32,6 +32,7 @@ class EvalOptions:
     workers: int
     output_dir: str                      # RUN: diagnostics go to RUN/diagnostics, results to RUN/results.json
     linear_probe_data: str = "none"      # a linear probe at the final evaluation (linear_probe.py SPEC), or "none"
+    train_data: str = ""                 # the diagnostics' probe when there is no retrieval set ("": none)
 
     @classmethod
     def of(cls, cfg) -> "EvalOptions":

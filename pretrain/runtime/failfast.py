@@ -16,6 +16,11 @@ TCP key-value store (no extra port, reachable while the collectives are stuck):
 * a rank that fails because a peer vanished (killed -9, out of memory: gloo reports a closed
   connection) checks the key first and exits with the first failure's code when there is one.
 
+The ranks' final barrier is held on the store too (`FailFast.finish`), with the watchers still
+running: a rank that fails after its peers finished (its last checkpoint write, rank 0's results)
+is followed like any other failure, where a process-group barrier would leave NCCL peers waiting
+for the group's timeout. Rank 0 leaves last, once no watcher polls its store any more.
+
 If rank 0, which hosts the store, dies without a word, the watchers lose the store and exit 1.
 If another rank is killed outright under NCCL, nothing is announced: the launcher ends the rest
 (torchrun and the deepspeed launcher at once, srun after `--wait`, slurm/lib/launch.sh).
@@ -39,8 +44,11 @@ EXIT_DATA = 4   # the training data failed (data.tario.DataError); not requeued:
 
 FAILURE_KEY = "softclip/failure"
 ACK_KEY = "softclip/failure_acks"
+DONE_KEY = "softclip/done"   # ranks that finished their run (the final barrier)
+LEFT_KEY = "softclip/left"   # ranks whose watcher has stopped: rank 0 may take the store down
 POLL_S = 0.5
 ACK_WAIT_S = 10.0  # how long the failing rank waits for its peers to see the failure
+FINAL_WAIT_S = 600.0  # the final barrier's bound: the process-group timeout it replaces (DeepSpeed's 10 min)
 
 
 def end_worker_processes() -> None:
@@ -116,6 +124,25 @@ class FailFast:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
+
+    def finish(self, bound_s: float = FINAL_WAIT_S) -> None:
+        """The final barrier, held on the store while the watcher keeps following failures.
+
+        Raises RuntimeError when a peer neither arrives nor fails within bound_s (a rank stuck, or
+        killed under NCCL with nothing announced)."""
+        self.store.add(DONE_KEY, 1)
+        start = time.monotonic()
+        while self.store.add(DONE_KEY, 0) < self.world_size:
+            if time.monotonic() - start > bound_s:
+                raise RuntimeError(f"rank {self.rank} finished, but not every rank reached the end within "
+                                   f"{bound_s:.0f} s; see the other ranks' output.")
+            time.sleep(0.1)
+        self.stop()
+        self.store.add(LEFT_KEY, 1)
+        if self.rank == 0:  # the store goes with rank 0: no peer's watcher may still poll it
+            deadline = time.monotonic() + ACK_WAIT_S
+            while self.store.add(LEFT_KEY, 0) < self.world_size and time.monotonic() < deadline:
+                time.sleep(0.05)
 
     def _first_failure(self) -> dict | None:
         if not self.store.check([FAILURE_KEY]):

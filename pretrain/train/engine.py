@@ -234,6 +234,11 @@ def train(engine, data, cfg: TrainConfig, state: TrainState, log, stop, on_step_
 
         # logging
         if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+            if not accumulate.global_batch_mode(cfg):
+                # The plain loop's terms are means over this rank's rows only: one all-reduce (every
+                # rank logs on the same steps, a one-rank job too) makes them the means over all N rows,
+                # as accumulate.step's already are. The other steps' terms are never looked at.
+                sums = dict(zip(sums, (total / world for total in _sum_over_ranks(device, *sums.values()))))
             grad_norm = engine.get_global_grad_norm()
             record = dict(sums, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
                           samples_seen=state.samples_seen, skipped_samples=state.skipped_samples,
