@@ -26,7 +26,6 @@ gather list plus its concatenation, whole-column upcast and fill copies), in the
     .venv/bin/python bench/loss.py --device cuda --parts detector --detector-sizes 8192 32768
 """
 import argparse
-import json
 import os
 import socket
 import sys

@@ -9,6 +9,7 @@ SIGUSR1/SIGTERM after writing a checkpoint: requeue and `--resume latest`.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 

@@ -39,7 +39,6 @@ SPEC (several joined by commas, outside braces):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
