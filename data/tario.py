@@ -58,9 +58,10 @@ class SkipLog:
         per_shard: judge each shard on its own instead of the worker's running total (training).
             A worker of a large job reads only a few shards, so its running total mostly measures
             the one shard it is in: one corrupt shard would stop a 128-GPU run. Instead a shard
-            whose failures pass max_fail_fraction (judged once min_samples of it were seen, or once
-            all of it is decoded) is dropped for the rest of the run with a warning naming it, and
-            the worker stops only when at least two of the shards it has read were dropped and
+            whose failures in one read of it pass max_fail_fraction (judged once min_samples of
+            that read were seen, or once the read is fully decoded, whatever the shard's size) is
+            dropped for the rest of the worker's epoch with a warning naming it, and the worker
+            stops (DataError) only when at least two of the shards it has read were dropped and
             they are more than max_fail_fraction of them: a broken dataset, not a broken shard.
             The error lists the shards to drop.
     """

@@ -124,6 +124,50 @@ def test_resume_at_another_world_size(embedded, tmp_path, old_world, new_world):
         "world_size"] == new_world
 
 
+@pytest.fixture(scope="module")
+def one_rank_tag(embedded, tmp_path_factory) -> Path:
+    """The step-2 tag of a 1-rank run: resuming it on 2 ranks needs a conversion."""
+    ref = tmp_path_factory.mktemp("one_rank")
+    codes, out = wait(launch(_args(embedded, ref, "--steps", "2"), world=1))
+    assert codes == [0], out[-4000:]
+    return ref / "checkpoints" / checkpoint.tag_for(2)
+
+
+def _resized(tmp_path: Path, tag: Path) -> Path:
+    run = tmp_path / "resized"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tag, run / "checkpoints" / tag.name)
+    (run / "checkpoints" / checkpoint.LATEST).write_text(tag.name)
+    return run
+
+
+def test_a_conversion_slower_than_the_process_group_timeout(embedded, one_rank_tag, tmp_path, monkeypatch):
+    """Issue 21: rank 1 waited for rank 0's conversion in a barrier, which the process group's timeout
+    bounds (DeepSpeed: 10 min; a ViT-L conversion on a slow file system can pass it). Here the timeout
+    is 1 minute and the conversion is held for 75 s: before the fix rank 1's barrier timed out."""
+    run = _resized(tmp_path, one_rank_tag)
+    monkeypatch.setenv("DEEPSPEED_TIMEOUT", "1")                    # minutes, the shortest it takes
+    monkeypatch.setenv("SOFTCLIP_TEST_SLOW_CONVERSION_S", "75")
+    codes, out = wait(launch(_args(embedded, run, "--resume", "latest", "--steps", "3"), world=2), timeout=600)
+    assert codes == [0, 0], out[-4000:]
+    assert "s so far" in out and "checkpoint: converted step_" in out  # rank 0's progress lines
+    assert [r["step"] for r in records(run)] == [3]
+
+
+def test_a_failed_conversion_ends_every_rank_promptly(embedded, one_rank_tag, tmp_path):
+    from tests.test_faults import EXIT_BOUND_S, Watched
+    run = _resized(tmp_path, one_rank_tag)
+    for f in (run / "checkpoints" / one_rank_tag.name).rglob("*optim_states.pt"):
+        f.write_bytes(bytes(f.stat().st_size))  # the manifest's sizes still match; the converter cannot read it
+    ranks = Watched(launch(_args(embedded, run, "--resume", "latest", "--steps", "3"), world=2))
+    codes, exited = ranks.wait()
+    out = ranks.output()
+    assert codes == [1, 1], out[-4000:]
+    assert "to a universal checkpoint failed" in out, out[-4000:]
+    t_error = ranks.first("error: rank 0")
+    assert t_error is not None and max(exited.values()) - t_error < EXIT_BOUND_S, out[-3000:]
+
+
 def test_data_position_carries_samples_over():
     """Feed's rule: samples consumed in the epoch, rounded down to whole batches of the new size."""
     from types import SimpleNamespace

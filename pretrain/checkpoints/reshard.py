@@ -7,7 +7,9 @@ moments as whole tensors, which any number of ranks can load (`"checkpoint": {"l
 true}` in the engine config). Here:
 
 - Conversion: once per tag, by rank 0, into `TAG.universal/` beside the tag, while the other ranks
-  wait at a barrier. It is written to `TAG.universal.tmp` and renamed when complete, so a conversion
+  wait for its outcome on the process group's TCP store (`wait_for_conversion`), not in a barrier:
+  a barrier is bounded by the process-group timeout (DeepSpeed: 10 min), which a ViT-L conversion
+  on a slow file system can pass, killing the job. It is written to `TAG.universal.tmp` and renamed when complete, so a conversion
   that was killed is redone from scratch and a finished one is reused by every later resume (while
   the tag's manifest is the one it was converted from). Beside, not inside: the tag's files, its
   manifest and checkpoint.py's pruning stay as they are; conversions whose tag was pruned are
@@ -27,9 +29,13 @@ before, bit for bit.
 """
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -38,6 +44,15 @@ from pretrain.checkpoints.checkpoint import MANIFEST, CheckpointError, ema_path
 
 UNIVERSAL = ".universal"
 SOURCE = "source_manifest.json"
+# How long the other ranks wait for rank 0's conversion. Measured once on CPU (2 cores shared with other
+# jobs, load ~12): a ViT-B-16 tag of 2 ranks (124.9 M parameters, 1.50 GB of fp32 weights and Adam
+# moments) converts in 115 s wall, 31 s of CPU, reading 1.5 GB and writing 2.25 GB. ViT-L/14 (414 M
+# parameters) scales that to 5.0 GB read and 7.5 GB written: ~6-7 min here, and past the 10-min group
+# timeout on a file system under ~20 MB/s. Two hours covers ~2 MB/s; override it with
+# SOFTCLIP_RESHARD_WAIT_S. Rank 0 failing ends the wait at once (failfast, and the outcome key below).
+CONVERSION_WAIT_S = 2 * 3600
+PROGRESS_EVERY_S = 60
+OUTCOME_KEY = "softclip/reshard/"  # + the tag's name: {"ok": bool, "error": str} once rank 0 is done
 
 
 class ReshardError(CheckpointError):
@@ -67,11 +82,23 @@ def convert(tag_dir: Path, log=print) -> Path:
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
            "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
            "--inject_missing_state"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise ReshardError(f"converting {tag_dir} to a universal checkpoint failed (exit {done.returncode}):\n"
-                           f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}\nResume with the world size that "
-                           f"wrote it, or start a new --output-dir from exported weights.")
+    # test hook: a conversion that takes at least this long (a slow file system, tests/test_reshard.py)
+    slow = float(os.environ.get("SOFTCLIP_TEST_SLOW_CONVERSION_S", 0))
+    with tempfile.TemporaryFile("w+") as output:  # a file, not a pipe: nobody reads it while it runs
+        proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, text=True)
+        start = last = time.monotonic()
+        while proc.poll() is None or time.monotonic() - start < slow:
+            time.sleep(0.5)
+            if time.monotonic() - last >= PROGRESS_EVERY_S:
+                log(f"checkpoint: converting {Path(tag_dir).name}: {time.monotonic() - start:.0f} s so far")
+                last = time.monotonic()
+        output.seek(0)
+        text = output.read()
+    if proc.returncode != 0:
+        raise ReshardError(f"converting {tag_dir} to a universal checkpoint failed (exit {proc.returncode}):\n"
+                           f"{text[-4000:]}\nResume with the world size that wrote it, or start a new "
+                           f"--output-dir from exported weights.")
+    log(f"checkpoint: converted {Path(tag_dir).name} in {time.monotonic() - start:.0f} s")
     (Path(tag_dir).parent / "latest_universal").unlink(missing_ok=True)  # the converter writes it beside its output
     (tmp / SOURCE).write_text(source)
     shutil.rmtree(out, ignore_errors=True)
@@ -81,22 +108,64 @@ def convert(tag_dir: Path, log=print) -> Path:
 
 def prepare(tag_dir: Path | None, saved_world: int | None, world_size: int, is_main: bool, barrier,
             log=print) -> Path | None:
-    """The universal checkpoint to load when the world size changed, else None. Collective."""
+    """The universal checkpoint to load when the world size changed, else None. Collective.
+
+    Rank 0 converts; the others wait for its outcome on the store (`wait_for_conversion`). `barrier`
+    is only used without a process group."""
     if tag_dir is None or saved_world is None or saved_world == world_size:
         return None
     log(f"checkpoint: {tag_dir} was written by {saved_world} ranks; this run has {world_size}")
-    # the others wait at the barrier below: the process group timeout (DeepSpeed: 10 min, DEEPSPEED_TIMEOUT) must
-    # cover the conversion, one pass over the checkpoint (~5 GB of fp32 weights and moments for ViT-L)
-    error = None
+    store = _store()
+    key = OUTCOME_KEY + Path(tag_dir).name
     if is_main:
         try:
             convert(tag_dir, log)
-        except ReshardError as e:
-            error = str(e)
-    barrier()
+        except BaseException as e:  # the others learn it at once; this rank fails on (pretrain/failfast.py)
+            if store is not None:
+                store.set(key, json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}"}))
+            raise
+        if store is not None:
+            store.set(key, json.dumps({"ok": True, "error": ""}))
+    elif store is not None:
+        outcome = wait_for_conversion(store, key, tag_dir, log)
+        if not outcome["ok"]:
+            raise ReshardError(f"rank 0 could not convert {tag_dir}: {outcome['error']}")
+    else:
+        barrier()
     if not (universal_dir(tag_dir) / "zero").is_dir():
-        raise ReshardError(error or f"rank 0 could not convert {tag_dir}; see its log.")
+        raise ReshardError(f"rank 0 converted {tag_dir}, but {universal_dir(tag_dir)} is not visible here; "
+                           "the checkpoint directory must be on a file system every rank shares.")
     return universal_dir(tag_dir)
+
+
+def _store():
+    """The process group's TCP store, or None without a process group (one process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    from pretrain.failfast import default_store
+    return default_store()
+
+
+def wait_for_conversion(store, key: str, tag_dir: Path, log=print, bound_s: float | None = None) -> dict:
+    """Rank 0's conversion outcome, polled on the store: bounded by its own limit, not the group's timeout.
+
+    A progress line every PROGRESS_EVERY_S. Rank 0 failing is seen here (its outcome) or by the
+    failfast watcher; rank 0 dying takes the store with it, which the watcher reports.
+    """
+    bound_s = float(os.environ.get("SOFTCLIP_RESHARD_WAIT_S", CONVERSION_WAIT_S)) if bound_s is None else bound_s
+    start = last = time.monotonic()
+    while not store.check([key]):
+        now = time.monotonic()
+        if now - start > bound_s:
+            raise ReshardError(f"rank 0's conversion of {tag_dir} to a universal checkpoint did not finish within "
+                               f"{bound_s:.0f} s. Raise SOFTCLIP_RESHARD_WAIT_S (seconds; rank 0's log shows "
+                               "the conversion's progress), or resume with the world size that wrote the tag.")
+        if now - last >= PROGRESS_EVERY_S:
+            log(f"checkpoint: waiting for rank 0's universal conversion of {Path(tag_dir).name} "
+                f"({now - start:.0f} s of at most {bound_s:.0f} s)")
+            last = now
+        time.sleep(0.5)
+    return json.loads(store.get(key))
 
 
 def load_ema(ema, tag_dir: Path, saved_world: int) -> None:
