@@ -120,7 +120,7 @@ def prepare(tag_dir: Path | None, saved_world: int | None, world_size: int, is_m
     if is_main:
         try:
             convert(tag_dir, log)
-        except BaseException as e:  # the others learn it at once; this rank fails on (pretrain/failfast.py)
+        except BaseException as e:  # the others learn it at once; this rank fails on (pretrain/runtime/failfast.py)
             if store is not None:
                 store.set(key, json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}"}))
             raise
@@ -142,7 +142,7 @@ def _store():
     """The process group's TCP store, or None without a process group (one process)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return None
-    from pretrain.failfast import default_store
+    from pretrain.runtime.failfast import default_store
     return default_store()
 
 
