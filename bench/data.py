@@ -14,7 +14,7 @@ Our batches carry uint8 images (normalised later, on the GPU); open_clip's carry
 The figure is one rank's: its DataLoader workers feeding one consumer process. After the table the
 script prints what one GPU running ViT-L-14 consumes (its training FLOPs per image at 40% MFU of an
 H100/H200's bf16 peak) and how many workers per rank that takes at the measured rate per worker.
-    python bench/data.py --shards synthetic --workers 2      # the README's 224-px figure
+    python bench/data.py --shards synthetic --workers 2      # the 224-px figure in docs/benchmarks.md
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Loss benchmark: fwd+bwd time and per-rank peak memory of ClipLoss (ours vs open_clip's)
 and SoftCLIPLoss, plus the GFLOP/s that fine_similarity reaches against a plain matmul.
 
-    .venv/bin/python bench/loss.py                    # the README figures (CPU, ~10 min)
+    .venv/bin/python bench/loss.py                    # the figures in docs/benchmarks.md (CPU, ~10 min)
     .venv/bin/python bench/loss.py --sizes 1024 --worlds 1 --repeats 1   # quick look
 
 Every measurement runs in fresh processes (one per rank, real gloo/nccl all-gathers), so

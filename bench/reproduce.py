@@ -23,7 +23,7 @@ emoji image<->name retrieval R@1/R@5.
 The budget (tiny-test, 1,500 steps x 128) is the shortest tried at which CLIP's seed-to-seed std is
 at most 2 points (issue 15's bar for resolving a 3-point effect over 5 seeds): at 40% noise CLIP
 scored 22.3 / 24.5 / 21.8 at 250 steps (seeds 0-2), 50.3 +- 5.1 at 750 steps and 63.8 +- 1.1 at
-1,500 steps (seeds 0-4; README, Reproduction, has every figure).
+1,500 steps (seeds 0-4; docs/reproduction.md has every figure).
 
 Runs go `--parallel` at a time (default: one per CPU core on CPU, each pinned to its own cores; on
 CUDA the runs share the device): a 0.3 M-parameter model uses ~1.2 of 2 cores, so two pinned runs

@@ -10,7 +10,7 @@ its metadata pins torch 1.6 / numpy 1.19, which it does not need to hand us a fi
 Region tokens: the last feature map (1280 channels, stride 32) average-pooled to grid x grid,
 optionally followed by one globally pooled token, L2-normalised, stored as `fine_img` float16.
 The defaults (112 px, grid 2, no pooled token) are what `bench/image_encoder.py` measured best
-for 1-NN accuracy under the loss's own late-interaction similarity on Fashion-MNIST val (README,
+for 1-NN accuracy under the loss's own late-interaction similarity on Fashion-MNIST val (docs/targets.md,
 "Where the soft targets come from").
 
 The file is a torch pickle, so it is checked against torchvision's published SHA-256 before it is

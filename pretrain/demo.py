@@ -42,7 +42,7 @@ def train_command(run: Path, args, n_gpus: int) -> list[str]:
     # small ZeRO-3's per-module gather hooks cost ~40% of the step (tiny-test, 2 ranks: 100 vs 170
     # samples/s with ZeRO-2). The tests cover ZeRO-3 + bf16 (ds_configs/cpu.json); GPUs get ZeRO-3.
     # SoftCLIP at the trainer's defaults (alpha 0.2, beta 0, tau_s 0.1, both modalities, online
-    # targets): the setting bench/reproduce.py selected (README, "Reproduction").
+    # targets): the setting bench/reproduce.py selected (docs/reproduction.md).
     ds = args.deepspeed_config or ("ds_configs/zero3_bf16.json" if n_gpus else "ds_configs/cpu_zero2.json")
     ranks = min(2, n_gpus) if n_gpus else 2
     return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",

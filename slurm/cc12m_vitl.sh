@@ -32,7 +32,7 @@
 # targets from ImageNet MobileNetV2 regions precomputed into the shards, once, before training:
 #   python -m data.precompute_fine --data '/data/cc12m/{00000..01242}.tar' --out /data/cc12m-mobilenetv2/ \
 #       --text-encoder none --image-encoder mobilenetv2 --workers 16 [--device cuda]
-# (README, "Recommended recipe": cost per million images). SOFTCLIP_TARGETS=online needs no precompute.
+# (docs/targets.md, "Cost of the precompute"). SOFTCLIP_TARGETS=online needs no precompute.
 #
 # Environment variables, all prefixed SOFTCLIP_ so that a variable that happens to be set in the
 # submitting shell (sbatch exports the caller's environment) cannot change a job (defaults below):

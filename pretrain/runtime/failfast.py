@@ -25,7 +25,7 @@ If rank 0, which hosts the store, dies without a word, the watchers lose the sto
 If another rank is killed outright under NCCL, nothing is announced: the launcher ends the rest
 (torchrun and the deepspeed launcher at once, srun after `--wait`, slurm/lib/launch.sh).
 
-Exit codes (README, "Exit codes"): the failing rank's code on every rank; EXIT_DATA (4) for a data
+Exit codes (docs/training.md, "Exit codes"): the failing rank's code on every rank; EXIT_DATA (4) for a data
 failure (`data.tario.DataError`: too many bad samples, unreadable shards), 1 for anything else.
 """
 from __future__ import annotations

@@ -130,7 +130,7 @@ class TrainConfig:
 
 
 DEFAULTS = dict(
-    # beta 0, not the paper's 1: chosen by bench/reproduce.py's ablation (README, "Reproduction")
+    # beta 0, not the paper's 1: chosen by bench/reproduce.py's ablation (docs/reproduction.md)
     model="tiny", loss="softclip", alpha=0.2, beta=0.0, soft_temperature=0.1, soft_source="both",
     soft_standardize=False, soft_topk=None, soft_warmup="0", soft_image_source="online",
     soft_text_source="online", ema_decay=0.999, similarity_dtype="auto", tf32=True,

@@ -45,7 +45,7 @@ def check_ds_config(path: str, cuda: bool, problems: list[str], derived: list[st
     if bf16:
         # Unset, DeepSpeed 0.19.8 reduce-scatters and accumulates gradients in bf16: a simulated bf16
         # ring sum errs by 4e-3 (relative) at 8 ranks and 1.6e-2 at 256, against 6e-8 in fp32.
-        # fp32 unless the JSON says otherwise; the cost is in README ("bf16 gradients").
+        # fp32 unless the JSON says otherwise; the cost is in docs/training.md ("GPU runs").
         ds.setdefault("communication_data_type", "fp32")
         ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
         derived.append(f"gradients: reduced in {ds['communication_data_type']}, accumulated in "
