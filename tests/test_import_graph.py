@@ -34,6 +34,7 @@ FORBIDDEN = {
     "models": ("pretrain",), "losses": ("pretrain",), "data": ("pretrain",),
 }
 ENTRY_POINTS = ("pretrain.main", "pretrain.demo", "pretrain.export", "pretrain.report", "pretrain.fused_adam",
+                "pretrain.clip_benchmark_cli",
                 "pretrain.evaluate.__main__")
 
 

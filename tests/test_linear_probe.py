@@ -176,7 +176,7 @@ def test_cli_on_an_export_on_1_and_2_ranks_equals_the_probe_on_its_features(trai
     from types import SimpleNamespace
 
     from models import save_native
-    from pretrain import linear_probe as lp
+    from pretrain.evaluate import linear_probe as lp
     from tests.test_evaluate_cli import run_cli
     model, _ = trained
     save_native(model.state_dict(), model.config, tmp_path / "export" / "native", tokenizer_dir)
@@ -212,7 +212,7 @@ def test_cli_on_an_export_on_1_and_2_ranks_equals_the_probe_on_its_features(trai
 
 
 def test_cli_flags_reach_the_probe_options():
-    from pretrain import eval_cli, linear_probe
+    from pretrain.evaluate import cli as eval_cli, linear_probe
     args = eval_cli.parse(["--checkpoint", "x", "--linear-probe", "d", "--fewshot-k", "3", "--probe-epochs", "5",
                            "--probe-lr", "0.01", "--probe-batch-size", "32", "--probe-val-proportion", "0"])
     assert linear_probe.options(args) == ProbeOptions(fewshot_k=3, epochs=5, lr=0.01, batch_size=32, val_proportion=0)

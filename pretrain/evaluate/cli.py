@@ -197,7 +197,7 @@ def evaluate(args, env, device, log=print) -> dict:
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         metrics = runner.measure(model, device)
         if args.linear_probe != "none":  # features at --precision; the probe itself trains in fp32
-            from pretrain import linear_probe
+            from pretrain.evaluate import linear_probe
             metrics.update(linear_probe.run(model, config, env, device, args.linear_probe, linear_probe.options(args),
                                             args.batch_size, args.workers, log=log))
     result = {"checkpoint": str(source), "format": kind, "precision": args.precision, "world_size": env.world_size,
@@ -235,7 +235,7 @@ def parse(argv=None):
     p.add_argument("--workers", type=int, default=2, help="data loader processes per rank")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default: bf16 on GPUs, fp32 on CPU")
     p.add_argument("--out", help="results JSON (default: RUN/eval/<tag>/results.json or EXPORT/eval/<fmt>/results.json)")
-    from pretrain import linear_probe
+    from pretrain.evaluate import linear_probe
     linear_probe.add_arguments(p)
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.workers < 0:
