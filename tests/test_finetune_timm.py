@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import timm
 import torch
 from PIL import Image
 
 from models.export import export_timm
 from tests.test_export import COLORS, tokenizer_dir, trained  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.slow  # timm's own model trained for a few steps: about a minute
 
 STEPS = 8
 

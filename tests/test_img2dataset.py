@@ -34,6 +34,8 @@ from PIL import Image
 
 from tests.test_train_support import REPO, launch, records, wait
 
+pytestmark = pytest.mark.slow  # the real img2dataset CLI and 2-rank trainings: minutes (module docstring)
+
 IMAGES = 40
 MISSING = 2            # URLs that answer 404: img2dataset records them as failed downloads
 PER_SHARD = 16         # -> shards of 16, 16 and 10 rows (8 successes in the last)

@@ -167,6 +167,7 @@ def write_probe_sets(root, per_class: dict[str, int]) -> None:
     (wds / "dataset_type.txt").write_text("classification\n")
 
 
+@pytest.mark.slow
 def test_cli_on_an_export_on_1_and_2_ranks_equals_the_probe_on_its_features(trained, tokenizer_dir, tmp_path,
                                                                            monkeypatch):
     """`python -m pretrain.evaluate --linear-probe` on a native export: 1 rank gives exactly the probe run
