@@ -52,7 +52,7 @@ def build_and_resume(cfg: TrainConfig, env: pdist.DistEnv, model, teacher, log=p
     from pretrain.train import engine as eng
     tag_dir = checkpoint.resolve_resume(cfg.resume, cfg.checkpoint_dir, env.world_size, log=log, other_world=True)
     saved_world = checkpoint.saved_world_size(tag_dir) if tag_dir is not None else None
-    universal = reshard.prepare(tag_dir, saved_world, env.world_size, env.is_main, barrier, log)
+    universal = reshard.prepare(tag_dir, saved_world, env.world_size, env.is_main, log)
     engine, ema = eng.build_engine(cfg, model, eng.build_loss(cfg, env.rank, env.world_size), teacher, env.rank,
                                    universal=universal is not None)
     if tag_dir is None:

@@ -106,12 +106,12 @@ def convert(tag_dir: Path, log=print) -> Path:
     return out
 
 
-def prepare(tag_dir: Path | None, saved_world: int | None, world_size: int, is_main: bool, barrier,
+def prepare(tag_dir: Path | None, saved_world: int | None, world_size: int, is_main: bool,
             log=print) -> Path | None:
     """The universal checkpoint to load when the world size changed, else None. Collective.
 
-    Rank 0 converts; the others wait for its outcome on the store (`wait_for_conversion`). `barrier`
-    is only used without a process group."""
+    Rank 0 converts; the others wait for its outcome on the store (`wait_for_conversion`). Without a
+    process group there is one process, rank 0, and nobody to wait."""
     if tag_dir is None or saved_world is None or saved_world == world_size:
         return None
     log(f"checkpoint: {tag_dir} was written by {saved_world} ranks; this run has {world_size}")
@@ -126,12 +126,10 @@ def prepare(tag_dir: Path | None, saved_world: int | None, world_size: int, is_m
             raise
         if store is not None:
             store.set(key, json.dumps({"ok": True, "error": ""}))
-    elif store is not None:
+    else:
         outcome = wait_for_conversion(store, key, tag_dir, log)
         if not outcome["ok"]:
             raise ReshardError(f"rank 0 could not convert {tag_dir}: {outcome['error']}")
-    else:
-        barrier()
     if not (universal_dir(tag_dir) / "zero").is_dir():
         raise ReshardError(f"rank 0 converted {tag_dir}, but {universal_dir(tag_dir)} is not visible here; "
                            "the checkpoint directory must be on a file system every rank shares.")
