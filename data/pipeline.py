@@ -19,7 +19,6 @@ by extension are passed through as lists. Precomputed fine-grained members asked
 
 from __future__ import annotations
 
-import collections
 import itertools
 import random
 import warnings
@@ -31,6 +30,7 @@ from data.decode import IMAGE_EXTS, SampleError, decode_sample
 from data.fine import decode_fine, pack_fine
 from data.shards import ShardSet
 from data.tario import DataError, SkipLog, iter_tar_groups
+from data.shuffle import shuffled
 from data.tokenizer import Tokenizer
 
 
@@ -242,62 +242,3 @@ class ShardStream(torch.utils.data.IterableDataset):
         for member, (tokens, _) in self.fine.items():
             batch[member], batch[f"{member}_mask"] = pack_fine([s[member] for s in chunk], tokens)
         return batch
-
-
-def shuffled(stream: Iterator, bufsize: int, rng: random.Random, initial: int | None = None,
-             read_of=None) -> Iterator:
-    """Sample-level shuffle through a buffer of up to `bufsize` samples. Shards already come in
-    random order; this mixes samples of neighbouring shards. Output starts once `initial` samples
-    are buffered (default bufsize // 10) and the buffer then grows by one per sample given out,
-    so the first batch does not wait for the whole buffer (webdataset's shuffle does the same).
-
-    `read_of(sample)` -> (shard, read id): when a shard is read again while samples of its previous
-    read are still buffered (data smaller than the buffer), the buffer is emptied first, in random
-    order. Otherwise the reads of a small shard pile up in the buffer, a batch can hold the same pair
-    twice (a false negative for the contrastive loss), and no read of the shard is ever decoded to
-    the end, which is when SkipLog judges a small shard (issue 21)."""
-    stream = iter(stream)
-    initial = max(1, bufsize // 10 if initial is None else min(initial, bufsize))
-    buffer: list = []
-    in_buffer: collections.Counter = collections.Counter()  # (shard, read id) -> its samples in the buffer
-    reads: dict = {}                                         # shard -> the read id those samples are from
-
-    def add(sample) -> Iterator:
-        """Buffer `sample`; first give out the whole buffer if it holds an older read of its shard."""
-        if read_of is not None:
-            shard, read = read_of(sample)
-            if reads.setdefault(shard, read) != read:
-                drained = buffer[:]
-                buffer.clear()
-                in_buffer.clear()
-                reads.clear()
-                reads[shard] = read
-                rng.shuffle(drained)
-                yield from drained
-            in_buffer[shard, read] += 1
-        buffer.append(sample)
-
-    def take() -> object:
-        i = rng.randrange(len(buffer))
-        buffer[i], buffer[-1] = buffer[-1], buffer[i]
-        sample = buffer.pop()
-        if read_of is not None:
-            shard, read = read_of(sample)
-            in_buffer[shard, read] -= 1
-            if not in_buffer[shard, read]:
-                del in_buffer[shard, read]
-                del reads[shard]
-        return sample
-
-    for sample in stream:
-        yield from add(sample)
-        if len(buffer) < initial:
-            continue
-        if len(buffer) < bufsize:
-            extra = next(stream, None)
-            if extra is not None:
-                yield from add(extra)
-        if buffer:
-            yield take()
-    rng.shuffle(buffer)
-    yield from buffer

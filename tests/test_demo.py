@@ -13,11 +13,12 @@ REPO = Path(__file__).resolve().parent.parent
 def test_demo_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
     r = subprocess.run([sys.executable, "-m", "pretrain.demo", "--out", str(out), "--model", "tiny-test",
-                        "--steps", "4", "--batch-size", "16"], cwd=REPO, capture_output=True, text=True,
+                        "--steps", "4", "--batch-size", "16", "--seed", "3"], cwd=REPO, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     final = json.loads((out / "results.json").read_text())["final"]
     assert final["step"] == 4 and final["fmnist-test/n"] == 2000
+    assert json.loads((out / "config.json").read_text())["seed"] == 3  # --seed reaches the trainer
     table = r.stdout[r.stdout.index("[5/5] results"):]
     assert f"{final['fmnist-test/top1']:.1%}" in table          # the table shows the run's own numbers
     pipeline_row = next(line for line in table.splitlines() if "pipeline on a test image" in line)
