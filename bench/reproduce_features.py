@@ -6,9 +6,10 @@ and is kept; an interrupted one continues from its finished shards).
                  fine_txt: MiniLM caption tokens (`--text-encoder minilm`). Label-free: a user can
                  make both for any image-text shards.
     true-class   fine_img: ONE region per image, the one-hot of its true class (the Fashion-MNIST
-                 label, or the emoji itself), imported as `--detector-features`. It reads labels
-                 the captions may contradict, so it is a positive control, never a candidate
-                 recipe: it shows what the loss delivers when the image-side targets are right.
+                 label, or the emoji itself; on Open Clip Art the drawing's category folder where
+                 it has one of the 21, else the drawing itself), imported as `--detector-features`.
+                 It reads labels the captions may contradict, so it is a positive control, never a
+                 candidate recipe: it shows what the loss delivers when the image-side targets are right.
 """
 from __future__ import annotations
 
@@ -50,6 +51,11 @@ def feature_build(kind: str, shards: Path, train_pattern: str, data_root: Path) 
 
 def true_class(record: dict) -> str:
     """A sample's true class from the builder's json: what the image shows, whatever the caption says."""
+    if "sha1" in record:  # Open Clip Art (data/openclipart.py): only ~1 drawing in 6 is in a labelled folder.
+        # An unlabelled drawing is a class of its own, so its target row stays CLIP's one-hot; grouping
+        # them all as "unlabelled" would pull unrelated drawings together.
+        category = record.get("category")
+        return f"openclipart:{category}" if category else f"openclipart-drawing:{record['sha1']}"
     if record["source"] == "fashion-mnist":
         return f"fashion:{record['label']}"
     return f"emoji:{record['unified']}"

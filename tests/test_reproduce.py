@@ -2,6 +2,7 @@
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,14 @@ def test_true_class_regions_follow_the_image_not_the_caption(tmp_path):
     keys = sorted(feats)
     assert len(keys) == 4
     assert feats[keys[0]] == feats[keys[1]] != feats[keys[2]] != feats[keys[3]]
+
+
+def test_true_class_of_an_open_clip_art_drawing_is_its_folder_or_itself():
+    def drawing(sha1, category):
+        return dict(source=f"svg/{sha1}.svg", sha1=sha1, category=category, caption="a drawing", status="success")
+    a, b, c, d = (F.true_class(drawing(*x)) for x in (("aa", "a bird"), ("bb", "a bird"), ("cc", None), ("dd", None)))
+    assert a == b and len({a, c, d}) == 3      # labelled drawings share their folder; unlabelled ones stand alone
+    assert F.true_class(dict(source="emoji", unified="1F600", category="Smileys")) == "emoji:1F600"
 
 
 def test_finished_needs_the_final_evaluation(tmp_path):
@@ -299,20 +308,30 @@ def test_set_openclipart_plans_clip_and_the_recipe_on_its_shards_and_eval_split(
         assert flag(cmd, "--loss") == ("softclip" if recipe else "clip")
     md = (tmp_path / "out" / "reproduce.md").read_text()
     assert md.startswith("# SoftCLIP vs CLIP on Open Clip Art (real captions) (`bench/reproduce.py --set openclipart`)")
-    with pytest.raises(SystemExit, match="--control needs every training image's true class"):
+
+    # --control adds the control analogue over the first 3 seeds, on true-class features of the same shards
+    jobs.clear()
+    features.clear()
+    assert R.main(["--set", "openclipart", "--control", "--runs", str(runs), "--out", str(tmp_path / "out")]) == 0
+    control = [run.name for run, _ in jobs if run.name.startswith("true-class")]
+    assert control == [R.run_name(R.CONTROL_B1, 0.0, seed, plan) for seed in range(plan.control_seeds)]
+    assert plan.control_seeds == 3 and R.TRUE_CLASS in {kind for kind, *_ in features}
+    # a set without training labels refuses --control with one message naming the fix
+    monkeypatch.setitem(R.sets.SETS, "openclipart", replace(R.sets.OPENCLIPART, control=False))
+    with pytest.raises(SystemExit, match="--control needs true classes for training images.*Drop --control"):
         R.main(["--set", "openclipart", "--control", "--runs", str(runs), "--out", str(tmp_path / "out")])
 
 
-def test_set_openclipart_ablation_has_no_label_reading_rows_and_embedded_commands_are_unchanged(tmp_path, monkeypatch):
+def test_set_openclipart_ablation_runs_once_per_setting_and_embedded_commands_are_unchanged(tmp_path, monkeypatch):
     real_caption_build(tmp_path, monkeypatch)
     jobs = []
     monkeypatch.setattr(R, "feature_build", lambda kind, shards, pattern, root: tmp_path / f"x-{kind}")
     monkeypatch.setattr(R, "run_all", lambda planned, *a: jobs.extend(planned) or {})
     R.main(["--set", "openclipart", "--quick", "--ablation", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path)])
     names = [run.name for run, _ in jobs]
-    assert all("_n00_" in n for n in names) and not any("true-class" in n for n in names)
-    # CLIP and the ablation less its 2 controls; the comparison's recipe run is the ablation's (one run)
-    assert len(names) == len(set(names)) == 1 + len(R.ABLATION) - 2
+    assert all("_n00_" in n for n in names)
+    # CLIP and the ablation with its 2 control rows; the comparison's recipe run is the ablation's (one run)
+    assert len(names) == len(set(names)) == 1 + len(R.ABLATION)
     # the embedded set's command is what it was before --set existed: finished runs stay finished
     from types import SimpleNamespace
     args = SimpleNamespace(deepspeed_config="d.json", model="tiny-test", lr=3e-3, set="embedded")
