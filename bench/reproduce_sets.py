@@ -21,14 +21,13 @@ class BenchSet:
     top1_label: str             # its row label in the tables
     chance: float               # top-1 of a uniform guess
     synthetic_noise: bool       # False: noise levels do not apply (noise 0 = the captions as written)
-    control: bool               # a true-class control exists (it needs labels for training images)
 
 
-EMBEDDED = BenchSet("embedded", "the embedded data", "fmnist", "FMNIST top-1", 0.1, True, True)
-# Its control is an analogue: the ~1 training drawing in 6 that sits in one of the 21 labelled folders
+EMBEDDED = BenchSet("embedded", "the embedded data", "fmnist", "FMNIST top-1", 0.1, True)
+# Its true-class control is an analogue: the ~1 training drawing in 6 that sits in one of the 21 labelled folders
 # gets its folder's one-hot, every other drawing a one-hot of its own (bench/reproduce_features.py).
 OPENCLIPART = BenchSet("openclipart", "Open Clip Art (real captions)", "openclipart", "Open Clip Art top-1",
-                       1 / 21, False, True)
+                       1 / 21, False)
 SETS = {s.name: s for s in (EMBEDDED, OPENCLIPART)}
 
 
