@@ -5,6 +5,9 @@
     python bench/reproduce.py --clip-only  # only CLIP's runs: its seed-to-seed std, which sizes the budget
     python bench/reproduce.py --control    # also the positive control (6 runs: 3 seeds x 2 noises)
     python bench/reproduce.py --ablation   # also the validation ablation (12 runs at the plan's budget)
+    python bench/reproduce.py --screen     # also the 20% screen of the recipe's neighbours (6 runs at seed 0)
+    python bench/reproduce.py --compare SLUG   # also a screened setting vs CLIP over seeds (test splits)
+    python bench/reproduce.py --noise 0.2  # only one noise level of the plan (a sweep split into parts)
     python bench/reproduce.py --online     # also the online zero-setup setting over every noise x seed
     python bench/reproduce.py --report     # rewrite results/ from the runs on disk, run nothing
     python bench/reproduce.py --set openclipart   # the same comparison on real captions (results/openclipart/)
@@ -32,7 +35,8 @@ take the wall time of one. Each run is a subprocess writing its own run director
 run whose results.json holds a final evaluation made with the same command is never re-run, so an
 interrupted sweep continues where it stopped. Writes results/reproduce.md (tables),
 results/reproduce.png (accuracy vs noise with error bars; zero-shot accuracy over steps) and
-results/reproduce.json (every run's final metrics); the report itself is bench/reproduce_report.py.
+results/reproduce.json (every run's final metrics); the report itself is bench/reproduce_report.py, and what
+is compared (settings, ablation, screen, plans) is bench/reproduce_plan.py.
 """
 from __future__ import annotations
 
@@ -45,100 +49,20 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from data.embedded.build import DEFAULT_OUT, DEFAULT_TOKENIZER  # noqa: E402
-from reproduce_features import PRETRAINED, TRUE_CLASS, feature_build  # noqa: E402  (bench/ is on sys.path)
+from reproduce_features import PRETRAINED, TRUE_CLASS, feature_build  # noqa: E402,F401  (bench/ is on sys.path)
+# What is compared (settings, plans) lives in reproduce_plan; its names are re-exported for the tests.
+from reproduce_plan import (ABLATION, ABLATION_NOISE, CLIP, CONTROL, CONTROL_B1, GAP_SCREEN, HEADLINE,  # noqa: E402,F401
+                            MOBILENET_B1, ONLINE, ONLINE_B0, PLANS, REAL_PLANS, Plan, Setting, screened_setting, slug,
+                            soft)
 from reproduce_report import write_report  # noqa: E402
 import reproduce_sets as sets  # noqa: E402
-
-# The paper's loss settings (the starting point of the ablation).
-PAPER = {"alpha": 0.2, "beta": 1.0, "soft_temperature": 0.1, "soft_source": "both"}
-
-
-@dataclass(frozen=True)
-class Setting:
-    """A named loss configuration: trainer flags on top of the common ones."""
-    name: str
-    loss: str = "softclip"
-    flags: dict = field(default_factory=dict)  # option name (underscores) -> value; True for a switch
-    features: str | None = None                # trains on a precomputed-feature set (reproduce_features)
-
-    def argv(self) -> list[str]:
-        out = ["--loss", self.loss]
-        for k, v in self.flags.items():
-            out += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
-        return out
-
-
-def soft(name: str, features: str | None = None, **changes) -> Setting:
-    return Setting(name, "softclip", {**PAPER, **changes}, features)
-
-
-def image_targets(name: str, features: str, **changes) -> Setting:
-    """Targets from precomputed image regions only (the paper's detector role)."""
-    return soft(name, features, soft_source="image", soft_image_source="precomputed", **changes)
-
-
-CLIP = Setting("CLIP", "clip")
-# The trainer's default decay (0.999) suits long runs; over a few hundred steps it would leave the
-# teacher ~75% at its initialisation, so the sweep uses a half-life of ~70 steps.
-EMA_DECAY = 0.99
-ONLINE_B0 = soft("online targets, β 0 (the trainer's default)", beta=0.0)
-CONTROL_B0 = image_targets("true-class image (control), β 0", TRUE_CLASS, alpha=0.5, beta=0.0)
-CONTROL_B1 = image_targets("true-class image (control), β 1", TRUE_CLASS, alpha=0.5)
-MOBILENET_B1 = image_targets("MobileNetV2 image, α 0.5, β 1", PRETRAINED, alpha=0.5)
-ABLATION = [
-    soft("paper (α 0.2, β 1, τ_s 0.1, both)"),
-    ONLINE_B0,
-    soft("EMA teacher, β 0", soft_image_source="ema", soft_text_source="ema", ema_decay=EMA_DECAY, beta=0.0),
-    soft("MiniLM text, β 0", PRETRAINED, soft_source="text", soft_text_source="precomputed", beta=0.0),
-    image_targets("MobileNetV2 image, α 0.2, β 0", PRETRAINED, beta=0.0),
-    image_targets("MobileNetV2 image, α 0.5, β 0", PRETRAINED, alpha=0.5, beta=0.0),
-    image_targets("MobileNetV2 image, α 0.2, β 1", PRETRAINED),
-    MOBILENET_B1,
-    soft("MobileNetV2 image + MiniLM text, α 0.5, β 1", PRETRAINED, alpha=0.5,
-         soft_image_source="precomputed", soft_text_source="precomputed"),
-    CONTROL_B0,
-    CONTROL_B1,
-]
-ABLATION_NOISE = 0.2
-# What each table compares with CLIP, and why: the label-free recipe (the headline), the ceiling (--control),
-# the zero-setup fallback (--online).
-HEADLINE = [(MOBILENET_B1, "the label-free recipe: ImageNet MobileNetV2 image targets")]
-CONTROL = (CONTROL_B1, "the positive control: true-class image targets (reads labels, the ceiling)")
-ONLINE = (ONLINE_B0, "the zero-setup fallback: online targets")
-
-
-@dataclass(frozen=True)
-class Plan:
-    steps: int
-    batch: int
-    seeds: int
-    noises: tuple
-    control_seeds: int  # the control is a ceiling, not the question: fewer seeds (the first ones)
-
-
-PLANS = {
-    # (CLIP, MobileNetV2) x 2 noises x 5 seeds = 20 runs of 9.3 / 11.9 min on one core each, two at a time
-    # on 2 cores (47.4 + 60.3 min measured), and a MobileNetV2 + MiniLM precompute per noise (~6 min):
-    # ~114 min. --control adds 6 runs (34.7 min measured) and a true-class build per noise (~0.5 min).
-    # 0% noise is not in the default plan: issue 15 asks about 20% and 40% noise.
-    "default": Plan(steps=1500, batch=128, seeds=5, noises=(0.2, 0.4), control_seeds=3),
-    # 1 seed at 40% noise, 250 steps: a check that the whole pipeline works and of the sign of the effect.
-    "quick": Plan(steps=250, batch=128, seeds=1, noises=(0.4,), control_seeds=1),
-}
-# --set openclipart: the captions are as written (noise 0 = nothing swapped). 1,500 steps x 128 puts CLIP
-# at 15.1% +- 3.2 over 5 seeds (3.2x chance) but misses the 2-point std bar; the 424-image test split
-# alone gives ~1.7 points of binomial spread, so the bar needs a bigger test split more than more steps.
-# Kept until a budget that meets it is found (docs/reproduction.md). With --control: 13 runs, 63.8 min.
-REAL_PLANS = {"default": Plan(steps=1500, batch=128, seeds=5, noises=(0.0,), control_seeds=3),
-              "quick": Plan(steps=250, batch=128, seeds=1, noises=(0.0,), control_seeds=1)}
-
 
 # ----------------------------------------------------------------------------------- data
 def noisy_build(noise: float, data_root: Path) -> Path:
@@ -170,11 +94,7 @@ def shards_for(setting: Setting, noise: float, data_root: Path, bench_set=sets.E
 
 # ----------------------------------------------------------------------------------- runs
 def run_name(setting: Setting, noise: float, seed: int, plan: Plan) -> str:
-    ascii_name = setting.name.translate(str.maketrans({"α": "alpha", "β": "beta", "τ": "tau"}))
-    slug = "".join(c if c.isascii() and c.isalnum() else "-" for c in ascii_name).strip("-").lower()
-    while "--" in slug:
-        slug = slug.replace("--", "-")
-    return f"{slug}_n{round(noise * 100):02d}_s{seed}_{plan.steps}x{plan.batch}"
+    return f"{slug(setting)}_n{round(noise * 100):02d}_s{seed}_{plan.steps}x{plan.batch}"
 
 
 def finished(run: Path) -> dict | None:
@@ -309,6 +229,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python bench/reproduce.py", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="2 runs of 250 steps at 40%% noise, 1 seed")
     p.add_argument("--ablation", action="store_true", help="also the validation ablation at 20%% noise, seed 0")
+    p.add_argument("--screen", action="store_true",
+                   help="also the 20%% screen of the recipe's neighbours (issue 24), validation splits, seed 0")
+    p.add_argument("--compare", action="append", default=[], metavar="SLUG",
+                   help="also compare this ablation or screen setting with CLIP over the plan's seeds on the test "
+                        "splits (its run-directory name, e.g. mobilenetv2-image-alpha-0-2-beta-1); repeatable")
     p.add_argument("--control", action="store_true",
                    help="also the positive control (true-class targets) over the plan's control seeds")
     p.add_argument("--online", action="store_true", help="also compare the online zero-setup setting over seeds")
@@ -322,6 +247,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="where reproduce.md/.png/.json go (default results[/SET])")
     p.add_argument("--steps", type=int, help="override the plan's steps per run")
     p.add_argument("--seeds", type=int, help="override the plan's seeds per comparison cell")
+    p.add_argument("--noise", type=float, action="append",
+                   help="only this caption noise of the plan (repeatable): a sweep split into parts")
     p.add_argument("--parallel", type=int, help="runs at a time (default: one per CPU core on CPU, 1 on CUDA)")
     p.add_argument("--model", default="tiny-test")
     p.add_argument("--lr", type=float, default=3e-3)
@@ -338,16 +265,23 @@ def main(argv=None) -> int:
     plan = (PLANS if bench_set.synthetic_noise else REAL_PLANS)["quick" if args.quick else "default"]
     plan = replace(plan, steps=args.steps or plan.steps, seeds=args.seeds or plan.seeds)
     plan = replace(plan, control_seeds=min(plan.control_seeds, plan.seeds))
+    if args.noise:
+        if not set(args.noise) <= set(plan.noises):
+            raise SystemExit(f"--noise {args.noise} must be among the plan's noise levels {list(plan.noises)}.")
+        plan = replace(plan, noises=tuple(n for n in plan.noises if n in args.noise))
     runs, data_root = Path(args.runs), Path(args.runs) / "data"
-    compared = [] if args.clip_only else HEADLINE + [c for c, wanted in ((CONTROL, args.control),
-                                                                          (ONLINE, args.online)) if wanted]
+    chosen = [(screened_setting(name), "chosen on the validation screen") for name in args.compare]
+    compared = [] if args.clip_only else HEADLINE + [c for c in chosen if c[0] is not MOBILENET_B1] + [
+        c for c, wanted in ((CONTROL, args.control), (ONLINE, args.online)) if wanted]
     t0 = time.time()
 
     # Every job, seed-major (a stopped sweep leaves whole seeds): the ablation first, then the comparisons.
     cells = []  # (part, setting, noise, seed)
     ablation_noise = ABLATION_NOISE if bench_set.synthetic_noise else 0.0
-    if args.ablation:
-        cells += [("ablation", s, ablation_noise, 0) for s in [CLIP, *ABLATION]]
+    screened = ABLATION if args.ablation else []
+    screened = screened + [s for s in (GAP_SCREEN if args.screen else []) if s not in screened]
+    if screened:
+        cells += [("ablation", s, ablation_noise, 0) for s in [CLIP, *screened]]
     cells += [("compare", s, noise, seed) for seed in range(plan.seeds) for noise in plan.noises
               for s in [CLIP, *(c for c, _ in compared)] if s.features != TRUE_CLASS or seed < plan.control_seeds]
     run_of = [runs / run_name(setting, noise, seed, plan) for _, setting, noise, seed in cells]
@@ -379,7 +313,7 @@ def main(argv=None) -> int:
         if results.get(run) is not None:
             baseline.setdefault(noise, {})[seed] = results[run]
     tables = [(f"CLIP vs SoftCLIP ({s.name}) — {why}", s, paired[s.name]) for s, why in compared]
-    write_report(Path(args.out), plan, args, CLIP, ablation_noise, ablation, ABLATION if args.ablation else [],
+    write_report(Path(args.out), plan, args, CLIP, ablation_noise, ablation, screened,
                  tables, time.time() - t0, runs, baseline)
     print(f"sweep done in {(time.time() - t0) / 60:.1f} min; report in {args.out}/reproduce.md", flush=True)
     return 0

@@ -111,8 +111,10 @@ def write_report(out: Path, plan, args, clip, ablation_noise: float, ablation: d
     {noise: {seed: results}} (all from bench/reproduce.py)."""
     out.mkdir(parents=True, exist_ok=True)
     n_runs, run_min = run_minutes(runs_dir, plan) if runs_dir is not None else (0, 0.0)
-    flags = " ".join(f"--{k.replace('_', '-')}" for k in ("quick", "ablation", "control", "online", "clip_only")
-                     if getattr(args, k, False))
+    flags = " ".join([f"--{k.replace('_', '-')}" for k in ("quick", "ablation", "screen", "control", "online", "clip_only")
+                      if getattr(args, k, False)] + [f"--compare {name}" for name in getattr(args, "compare", [])]
+                     + [f"--noise {n:g}" for n in getattr(args, "noise", None) or []]
+                     + ([f"--seeds {args.seeds}"] if getattr(args, "seeds", None) else []))
     bench_set = sets.get(getattr(args, "set", "embedded"))
     if bench_set is not sets.EMBEDDED:
         flags = f"--set {bench_set.name} {flags}".strip()
@@ -137,10 +139,11 @@ def write_report(out: Path, plan, args, clip, ablation_noise: float, ablation: d
         lines += paired_table(f"## {title} (test splits, {seeds})", runs, plan.noises, bench_set.top1_label)
 
     if ablation:
+        emoji = bench_set is sets.EMBEDDED  # a real-caption set has its own top-1 only: no emoji columns
         lines += [f"## Ablation (caption noise {ablation_noise:.0%}, validation splits, seed 0)", "",
-                  f"| setting | flags | {bench_set.top1_label.replace(' top-1', '-val top-1')} | emoji-category-val top-1 "
-                  "| emoji-val R@5 | Δ top-1 vs CLIP "
-                  "| S_ii | H(S) |", "|---|---|---|---|---|---|---|---|"]
+                  f"| setting | flags | {bench_set.top1_label.replace(' top-1', '-val top-1')} | "
+                  + ("emoji-category-val top-1 | emoji-val R@5 | " if emoji else "") + "Δ top-1 vs CLIP | S_ii | H(S) |",
+                  "|---|---|---|" + ("---|---|" if emoji else "") + "---|---|---|"]
         clip_val = [metrics(r, "val") for r in ablation.get(clip.name, [])]
         clip_top1 = statistics.mean(m["top1"] for m in clip_val) if clip_val else None
         for setting in [clip, *ablation_settings]:
@@ -155,9 +158,9 @@ def write_report(out: Path, plan, args, clip, ablation_noise: float, ablation: d
             h_s = "" if setting is clip or stats[0] is None else f"{statistics.mean(s[1] for s in stats):.2f}"
             category = mean_std([m["category"] for m in ms]) if all("category" in m for m in ms) else "-"
             flag_text = " ".join(setting.argv()[2:]) or "--loss clip"
-            lines.append(f"| {setting.name} | `{flag_text}` | {mean_std([m['top1'] for m in ms])} | {category} | "
-                         f"{mean_std([m['R@5'] for m in ms]) if all('R@5' in m for m in ms) else '-'} | {delta} | "
-                         f"{s_ii} | {h_s} |")
+            r5 = mean_std([m["R@5"] for m in ms]) if all("R@5" in m for m in ms) else "-"
+            lines.append(f"| {setting.name} | `{flag_text}` | {mean_std([m['top1'] for m in ms])} | "
+                         + (f"{category} | {r5} | " if emoji else "") + f"{delta} | {s_ii} | {h_s} |")
         lines += ["", "One seed: a screen for the next sweep, not evidence (CLIP's seed-to-seed std is in the tables "
                   "above). S_ii and H(S) are the last logged mean target mass on the positive and the target "
                   "entropy (nats).", ""]

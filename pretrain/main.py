@@ -8,6 +8,7 @@ SIGUSR1/SIGTERM after writing a checkpoint: requeue and `--resume latest`.
 """
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import sys
@@ -180,6 +181,10 @@ def fail_at_end_for_tests(rank: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # A native crash (SIGSEGV/SIGABRT/SIGBUS in gloo, NCCL or another extension) would otherwise end the
+    # rank with no word in its log: print every thread's Python stack to stderr first. The exit status
+    # stays the signal's, and the peers still end through the failfast watcher.
+    faulthandler.enable(all_threads=True)
     try:
         _, _, local_rank = parse(argv)
         env = pdist.from_environ(local_rank_arg=local_rank)

@@ -119,7 +119,7 @@ def write_small_bad_shard(embedded: Path, path: Path, n: int = 64, bad_every: in
 
 # (mode, world): every failure mode on 1 and 2 ranks
 CASES = [("worker-data-error", 1), ("worker-data-error", 2), ("one-rank-data-error", 1), ("one-rank-data-error", 2),
-         ("unreadable", 1), ("unreadable", 2), ("nonfinite", 2), ("killed", 1), ("killed", 2),
+         ("unreadable", 1), ("unreadable", 2), ("nonfinite", 2), ("killed", 1), ("killed", 2), ("crashed", 2),
          ("small-bad-shard", 2), ("fail-at-end", 2)]
 
 
@@ -136,15 +136,18 @@ def test_every_failure_ends_every_rank_promptly(embedded, bad_data, tmp_path, mo
         "unreadable": ("--train-data", str(bad_data["empty"]), "--train-num-samples", "64"),
         "nonfinite": ("--debug-nan", "2+", "--max-nonfinite", "2"),
         "killed": (),
+        "crashed": (),
         "fail-at-end": ("--steps", "3"),
         "small-bad-shard": ("--train-data", str(tmp_path / "mixed-000000.tar"), "--train-num-samples", "64",
                             "--steps", "20", "--batch-size", "32"),
     }[mode]
     ranks = Watched(launch(fault_args(embedded, run, *extra), world=world))
-    if mode == "killed":
+    if mode in ("killed", "crashed"):
         while len(records(run)) < 1 and all(p.poll() is None for p in ranks.procs):
             time.sleep(0.05)
-        if world == 2:
+        if mode == "crashed":
+            ranks.procs[1].send_signal(signal.SIGSEGV)  # a native crash (seen once in gloo's run loop)
+        elif world == 2:
             ranks.procs[1].send_signal(signal.SIGKILL)  # a rank lost mid-training (OOM killer, node)
         else:
             kill_a_worker(ranks.procs[0].pid)           # one rank: its DataLoader worker dies instead
@@ -153,10 +156,15 @@ def test_every_failure_ends_every_rank_promptly(embedded, bad_data, tmp_path, mo
     out = ranks.output()
 
     expected = {"worker-data-error": EXIT_DATA, "one-rank-data-error": EXIT_DATA, "unreadable": EXIT_DATA,
-                "nonfinite": EXIT_NONFINITE, "killed": EXIT_ERROR, "small-bad-shard": EXIT_DATA,
+                "nonfinite": EXIT_NONFINITE, "killed": EXIT_ERROR, "crashed": EXIT_ERROR, "small-bad-shard": EXIT_DATA,
                 "fail-at-end": EXIT_DATA}[mode]
     if mode == "killed" and world == 2:
         assert codes[1] == -signal.SIGKILL and codes[0] == EXIT_ERROR, (codes, out[-4000:])
+        assert max(exited.values()) - t_kill < EXIT_BOUND_S, out[-3000:]
+        return
+    if mode == "crashed":  # the crashed rank says where it was (faulthandler) before it dies by its signal
+        assert codes[1] == -signal.SIGSEGV and codes[0] == EXIT_ERROR, (codes, out[-4000:])
+        assert "Fatal Python error: Segmentation fault" in out and "File " in out, out[-4000:]
         assert max(exited.values()) - t_kill < EXIT_BOUND_S, out[-3000:]
         return
     assert codes == [expected] * world, (codes, out[-4000:])

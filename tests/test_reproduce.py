@@ -257,7 +257,7 @@ def test_clip_only_reports_clips_seed_spread_and_nothing_else(tmp_path):
                    "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "reproduce.md").read_text()
     assert "| 40% | 30.0 / 33.0 / 36.0 | 33.0 ± 3.0 | no |" in md   # std 3 > 2 points
-    assert "CLIP vs SoftCLIP" not in md and "`bench/reproduce.py --quick --clip-only`" in md
+    assert "CLIP vs SoftCLIP" not in md and "`bench/reproduce.py --quick --clip-only --seeds 3`" in md
     small = {0.2: {s: fake_results(0.5, 0.60 + 0.01 * s) for s in range(3)}}
     assert "| 20% | 60.0 / 61.0 / 62.0 | 61.0 ± 1.0 | yes |" in RR.baseline_table(small, (0.2, 0.4))
 
@@ -349,9 +349,51 @@ def test_report_of_a_real_caption_set_names_its_metric_and_chance(tmp_path):
             ("softclip", 0.0): {s: real(0.23 + 0.01 * s) for s in range(2)}}
     args = SimpleNamespace(quick=False, report=True, model="tiny-test", lr=3e-3, deepspeed_config="x.json",
                            set="openclipart")
-    RR.write_report(tmp_path, plan, args, R.CLIP, 0.0, {}, [], [("CLIP vs SoftCLIP (x) — y", R.MOBILENET_B1, runs)],
-                    0.0, tmp_path, {0.0: runs[("clip", 0.0)]})
+    ablation = {"CLIP": [real(0.20)], R.MOBILENET_B1.name: [real(0.25)]}
+    RR.write_report(tmp_path, plan, args, R.CLIP, 0.0, ablation, [R.MOBILENET_B1],
+                    [("CLIP vs SoftCLIP (x) — y", R.MOBILENET_B1, runs)], 0.0, tmp_path, {0.0: runs[("clip", 0.0)]})
     md = (tmp_path / "reproduce.md").read_text()
+    # its ablation table has no emoji columns, which this set has no figures for
+    assert "| setting | flags | Open Clip Art-val top-1 | Δ top-1 vs CLIP | S_ii | H(S) |\n|---|---|---|---|---|---|" in md
+    assert f"| {R.MOBILENET_B1.name} | `{' '.join(R.MOBILENET_B1.argv()[2:])}` | 25.0 | +5.0 |  |  |" in md
     assert "| 0% | Open Clip Art top-1 | 20.5 ± 0.7 | 23.5 ± 0.7 | +3.0 ± 0.0 | [+3.0, +3.0] | 2 |" in md
     assert "| 0% | 20.0 / 21.0 | 20.5 ± 0.7 | yes |" in md and "chance is 4.8%" in md
     assert RR.metrics(real(0.3), "test") == {"top1": 0.3}
+
+
+def test_screen_runs_the_recipes_neighbours_at_one_noise_and_shares_the_headline_runs(tmp_path, monkeypatch):
+    jobs = []
+    monkeypatch.setattr(R, "noisy_build", lambda noise, root: tmp_path / f"noise{round(noise * 100):02d}")
+    monkeypatch.setattr(R, "feature_build", lambda kind, shards, pattern, root: Path(f"{shards}-{kind}"))
+    monkeypatch.setattr(R, "run_all", lambda planned, *a: jobs.extend(planned) or {})
+    R.main(["--screen", "--noise", "0.2", "--seeds", "1", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path)])
+    names = [run.name for run, _ in jobs]
+    # CLIP and the screen at 20%, seed 0; the comparison's CLIP and recipe runs are the screen's
+    assert len(names) == len(set(names)) == 1 + len(R.GAP_SCREEN)
+    assert all("_n20_s0_" in n for n in names)
+    flags = {run.name: cmd for run, cmd in jobs}
+    assert "--soft-topk" in flags[R.run_name(R.GAP_SCREEN[2], 0.2, 0, R.PLANS["default"])]
+    jobs.clear()
+    R.main(["--ablation", "--screen", "--noise", "0.2", "--seeds", "1", "--runs", str(tmp_path / "runs"),
+            "--out", str(tmp_path)])
+    assert len(jobs) == 1 + len(R.ABLATION) + 2   # the screen adds top-8 and τ_s 0.05; the rest are shared
+    with pytest.raises(SystemExit, match="--noise"):
+        R.main(["--noise", "0.3", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path)])
+
+
+def test_compare_adds_a_screened_setting_as_a_paired_table_and_names_the_choices(tmp_path, monkeypatch):
+    plan = R.PLANS["default"]
+    runs = tmp_path / "runs"
+    chosen = R.GAP_SCREEN[2]
+    for setting, top1 in ((R.CLIP, 0.70), (R.MOBILENET_B1, 0.68), (chosen, 0.74)):
+        run = runs / R.run_name(setting, 0.2, 0, plan)
+        run.mkdir(parents=True)
+        (run / "results.json").write_text(json.dumps(fake_results(0.5, top1, steps=plan.steps)))
+    argv = ["--noise", "0.2", "--seeds", "1", "--report", "--runs", str(runs), "--out", str(tmp_path / "out")]
+    assert R.main([*argv, "--compare", R.slug(chosen)]) == 0
+    md = (tmp_path / "out" / "reproduce.md").read_text()
+    assert f"CLIP vs SoftCLIP ({chosen.name}) — chosen on the validation screen" in md
+    assert "| 20% | FMNIST top-1 | 70.0 | 74.0 | +4.0 | - | 1 |" in md
+    assert f"--compare {R.slug(chosen)} --noise 0.2 --seeds 1`" in md
+    with pytest.raises(SystemExit, match="--compare 'top-8' is not an ablation or screen setting; one of: paper"):
+        R.main([*argv, "--compare", "top-8"])

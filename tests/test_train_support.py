@@ -119,7 +119,11 @@ def wait(procs, timeout: float = 400) -> tuple[list[int], str]:
                 q.kill()
             raise
         outs.append(out)
-    return [p.returncode for p in procs], "\n".join(outs)
+    # Each rank's output under its own header, the failed ranks last and one killed by a signal (a native
+    # crash) at the very end: callers show the tail, and the tail must be the rank that went first.
+    order = sorted(range(len(procs)), key=lambda r: (procs[r].returncode < 0, procs[r].returncode != 0, r))
+    return [p.returncode for p in procs], "\n".join(f"--- rank {r} (exit {procs[r].returncode}) ---\n{outs[r]}"
+                                                      for r in order)
 
 
 def records(run_dir: Path, kind: str = "train") -> list[dict]:

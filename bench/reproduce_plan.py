@@ -1,0 +1,121 @@
+"""What bench/reproduce.py compares: the loss settings (each a set of trainer flags), the ablation and the
+20% screen, the paired comparisons and the plans (budget, seeds, noise levels). How the runs are made and
+reported lives in reproduce.py and reproduce_report.py."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from reproduce_features import PRETRAINED, TRUE_CLASS  # (bench/ is on sys.path)
+
+# The paper's loss settings (the starting point of the ablation).
+PAPER = {"alpha": 0.2, "beta": 1.0, "soft_temperature": 0.1, "soft_source": "both"}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A named loss configuration: trainer flags on top of the common ones."""
+    name: str
+    loss: str = "softclip"
+    flags: dict = field(default_factory=dict)  # option name (underscores) -> value; True for a switch
+    features: str | None = None                # trains on a precomputed-feature set (reproduce_features)
+
+    def argv(self) -> list[str]:
+        out = ["--loss", self.loss]
+        for k, v in self.flags.items():
+            out += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+        return out
+
+
+def soft(name: str, features: str | None = None, **changes) -> Setting:
+    return Setting(name, "softclip", {**PAPER, **changes}, features)
+
+
+def image_targets(name: str, features: str, **changes) -> Setting:
+    """Targets from precomputed image regions only (the paper's detector role)."""
+    return soft(name, features, soft_source="image", soft_image_source="precomputed", **changes)
+
+
+CLIP = Setting("CLIP", "clip")
+# The trainer's default decay (0.999) suits long runs; over a few hundred steps it would leave the
+# teacher ~75% at its initialisation, so the sweep uses a half-life of ~70 steps.
+EMA_DECAY = 0.99
+ONLINE_B0 = soft("online targets, β 0 (the trainer's default)", beta=0.0)
+CONTROL_B0 = image_targets("true-class image (control), β 0", TRUE_CLASS, alpha=0.5, beta=0.0)
+CONTROL_B1 = image_targets("true-class image (control), β 1", TRUE_CLASS, alpha=0.5)
+MOBILENET_B1 = image_targets("MobileNetV2 image, α 0.5, β 1", PRETRAINED, alpha=0.5)
+ABLATION = [
+    soft("paper (α 0.2, β 1, τ_s 0.1, both)"),
+    ONLINE_B0,
+    soft("EMA teacher, β 0", soft_image_source="ema", soft_text_source="ema", ema_decay=EMA_DECAY, beta=0.0),
+    soft("MiniLM text, β 0", PRETRAINED, soft_source="text", soft_text_source="precomputed", beta=0.0),
+    image_targets("MobileNetV2 image, α 0.2, β 0", PRETRAINED, beta=0.0),
+    image_targets("MobileNetV2 image, α 0.5, β 0", PRETRAINED, alpha=0.5, beta=0.0),
+    image_targets("MobileNetV2 image, α 0.2, β 1", PRETRAINED),
+    MOBILENET_B1,
+    soft("MobileNetV2 image + MiniLM text, α 0.5, β 1", PRETRAINED, alpha=0.5,
+         soft_image_source="precomputed", soft_text_source="precomputed"),
+    CONTROL_B0,
+    CONTROL_B1,
+]
+ABLATION_NOISE = 0.2
+# Issue 24's screen at 20% noise, where the recipe trailed CLIP (-1.6 [-4.1, +0.8]): its neighbours, chosen
+# by `python bench/target_quality.py` (no training). At τ_s 0.1 the MobileNetV2 targets are flat (S_ii 0.41,
+# H(S) 3.1 nats) and only 29% of their off-diagonal mass lands on the image's own class (the control: 100%),
+# so they move a third of the target onto mostly wrong captions. A top-8 neighbourhood doubles that share
+# (58%); τ_s 0.05 keeps S nearly one-hot (S_ii 0.92); α 0.2 moves less mass (the paper's α, and the best
+# label-free setting of the Open Clip Art screen); MiniLM text features add the caption side.
+GAP_SCREEN = [
+    MOBILENET_B1,
+    ABLATION[6],  # MobileNetV2 image, α 0.2, β 1
+    image_targets("MobileNetV2 image, α 0.5, β 1, top-8", PRETRAINED, alpha=0.5, soft_topk=8),
+    image_targets("MobileNetV2 image, α 0.5, β 1, τ_s 0.05", PRETRAINED, alpha=0.5, soft_temperature=0.05),
+    ABLATION[8],  # MobileNetV2 image + MiniLM text, α 0.5, β 1
+]
+# What each table compares with CLIP, and why: the label-free recipe (the headline), the ceiling (--control),
+# the zero-setup fallback (--online).
+HEADLINE = [(MOBILENET_B1, "the label-free recipe: ImageNet MobileNetV2 image targets")]
+CONTROL = (CONTROL_B1, "the positive control: true-class image targets (reads labels, the ceiling)")
+ONLINE = (ONLINE_B0, "the zero-setup fallback: online targets")
+
+
+@dataclass(frozen=True)
+class Plan:
+    steps: int
+    batch: int
+    seeds: int
+    noises: tuple
+    control_seeds: int  # the control is a ceiling, not the question: fewer seeds (the first ones)
+
+
+PLANS = {
+    # (CLIP, MobileNetV2) x 2 noises x 5 seeds = 20 runs of 9.3 / 11.9 min on one core each, two at a time
+    # on 2 cores (47.4 + 60.3 min measured), and a MobileNetV2 + MiniLM precompute per noise (~6 min):
+    # ~114 min. --control adds 6 runs (34.7 min measured) and a true-class build per noise (~0.5 min).
+    # 0% noise is not in the default plan: issue 15 asks about 20% and 40% noise.
+    "default": Plan(steps=1500, batch=128, seeds=5, noises=(0.2, 0.4), control_seeds=3),
+    # 1 seed at 40% noise, 250 steps: a check that the whole pipeline works and of the sign of the effect.
+    "quick": Plan(steps=250, batch=128, seeds=1, noises=(0.4,), control_seeds=1),
+}
+# --set openclipart: the captions are as written (noise 0 = nothing swapped). 1,500 steps x 128 puts CLIP
+# at 15.1% +- 3.2 over 5 seeds (3.2x chance) but misses the 2-point std bar; the 424-image test split
+# alone gives ~1.7 points of binomial spread, so the bar needs a bigger test split more than more steps.
+# Kept until a budget that meets it is found (docs/reproduction.md). With --control: 13 runs, 63.8 min.
+REAL_PLANS = {"default": Plan(steps=1500, batch=128, seeds=5, noises=(0.0,), control_seeds=3),
+              "quick": Plan(steps=250, batch=128, seeds=1, noises=(0.0,), control_seeds=1)}
+
+
+def slug(setting: Setting) -> str:
+    """The setting's name in ASCII, for run directories and the command line (`--compare`)."""
+    ascii_name = setting.name.translate(str.maketrans({"α": "alpha", "β": "beta", "τ": "tau"}))
+    out = "".join(c if c.isascii() and c.isalnum() else "-" for c in ascii_name).strip("-").lower()
+    while "--" in out:
+        out = out.replace("--", "-")
+    return out
+
+
+def screened_setting(name: str) -> Setting:
+    """An ablation or screen setting by its slug (`--compare`), or a message listing them."""
+    known = {slug(s): s for s in [*ABLATION, *GAP_SCREEN]}
+    if name not in known:
+        raise SystemExit(f"--compare {name!r} is not an ablation or screen setting; one of: {', '.join(known)}.")
+    return known[name]
