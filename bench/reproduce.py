@@ -56,11 +56,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from data.embedded.build import DEFAULT_OUT, DEFAULT_TOKENIZER  # noqa: E402
-from reproduce_features import PRETRAINED, TRUE_CLASS, feature_build  # noqa: E402,F401  (bench/ is on sys.path)
-# What is compared (settings, plans) lives in reproduce_plan; its names are re-exported for the tests.
-from reproduce_plan import (ABLATION, ABLATION_NOISE, CLIP, CONTROL, CONTROL_B1, GAP_SCREEN, HEADLINE,  # noqa: E402,F401
-                            MOBILENET_B1, ONLINE, ONLINE_B0, PLANS, REAL_PLANS, Plan, Setting, screened_setting, slug,
-                            soft)
+from reproduce_features import TRUE_CLASS, feature_build  # noqa: E402  (bench/ is on sys.path)
+from reproduce_plan import (ABLATION, ABLATION_NOISE, CLIP, CONTROL, GAP_SCREEN, HEADLINE, ONLINE, PLANS,  # noqa: E402
+                            REAL_PLANS, Plan, Setting, screened_setting, slug)
 from reproduce_report import write_report  # noqa: E402
 import reproduce_sets as sets  # noqa: E402
 
@@ -271,8 +269,9 @@ def main(argv=None) -> int:
         plan = replace(plan, noises=tuple(n for n in plan.noises if n in args.noise))
     runs, data_root = Path(args.runs), Path(args.runs) / "data"
     chosen = [(screened_setting(name), "chosen on the validation screen") for name in args.compare]
-    compared = [] if args.clip_only else HEADLINE + [c for c in chosen if c[0] is not MOBILENET_B1] + [
-        c for c, wanted in ((CONTROL, args.control), (ONLINE, args.online)) if wanted]
+    wanted = HEADLINE + [c for c, on in ((CONTROL, args.control), (ONLINE, args.online)) if on] + chosen
+    # one table per setting: a --compare of the recipe, the control or the online setting adds nothing
+    compared = [] if args.clip_only else [c for i, c in enumerate(wanted) if c[0] not in [w[0] for w in wanted[:i]]]
     t0 = time.time()
 
     # Every job, seed-major (a stopped sweep leaves whole seeds): the ablation first, then the comparisons.

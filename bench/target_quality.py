@@ -39,20 +39,23 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from losses.softclip import fine_similarity, soft_target_logits  # noqa: E402
+from reproduce_features import true_class  # noqa: E402  (bench/ is on sys.path)
 
 # (label, soft_temperature, topk, standardize): the sweep's shaping (τ_s 0.1, all columns) and its neighbours.
 SHAPINGS = [("τ_s 0.1 (the recipe)", 0.1, None, False), ("τ_s 0.05", 0.05, None, False),
             ("τ_s 0.02", 0.02, None, False), ("τ_s 0.2", 0.2, None, False),
             ("τ_s 0.1, top-16", 0.1, 16, False), ("τ_s 0.1, top-8", 0.1, 8, False),
             ("τ_s 0.1, top-4", 0.1, 4, False), ("standardised, τ_s 1", 1.0, None, True)]
+CONTROL_SHAPING = ("true class (control), τ_s 0.1", 0.1, None, False)  # the control's F, the sweep's shaping
 
 
 def read_build(folder: Path):
-    """(features [n, K, d] float32, label [n], caption_label [n]) of every training sample; emoji rows get
-    label -1 and caption_label -2 (no emoji caption names a Fashion-MNIST class)."""
+    """(features [n, K, d] float32, label [n], caption_label [n], true class id [n]) of every training
+    sample; emoji rows get label -1 and caption_label -2 (no emoji caption names a Fashion-MNIST class).
+    The true class is the control's (reproduce_features.true_class: an emoji is a class of its own)."""
     from data.shards import ShardSet
     from data.tario import SkipLog, iter_tar_groups
-    feats, labels, caption_labels = [], [], []
+    feats, labels, caption_labels, classes = [], [], [], {}
     for shard in ShardSet.from_data(str(folder)).shards:
         for group in iter_tar_groups(shard, SkipLog(1.0, where=shard), wanted={"json", "fine_img.npy"}):
             record = json.loads(group["json"])
@@ -60,9 +63,13 @@ def read_build(folder: Path):
             fmnist = record["source"] == "fashion-mnist"
             labels.append(record["label"] if fmnist else -1)
             caption_labels.append(record["caption_label"] if fmnist else -2)
+            classes.setdefault(true_class(record), []).append(len(feats) - 1)
     if not feats:
         raise SystemExit(f"no samples with fine_img under {folder}: run bench/reproduce.py (or --ablation) first.")
-    return torch.from_numpy(np.stack(feats)), torch.tensor(labels), torch.tensor(caption_labels)
+    class_id = torch.empty(len(feats), dtype=torch.long)
+    for c, members in enumerate(classes.values()):
+        class_id[members] = c
+    return torch.from_numpy(np.stack(feats)), torch.tensor(labels), torch.tensor(caption_labels), class_id
 
 
 def score(target_logits: torch.Tensor, label: torch.Tensor, caption_label: torch.Tensor, alpha: float) -> dict:
@@ -93,7 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    feats, label, caption_label = read_build(Path(args.data))
+    feats, label, caption_label, class_id = read_build(Path(args.data))
     noise = (caption_label[label >= 0] != label[label >= 0]).float().mean().item()
     g = torch.Generator().manual_seed(args.seed)
     batches = [torch.randperm(len(label), generator=g)[:args.batch] for _ in range(args.batches)]
@@ -102,18 +109,13 @@ def main(argv=None) -> int:
           f"{1 - noise:.3f}, Y right | noisy 0\n")
     print("| targets | S_ii | H(S) | same class | right caption | Y right | Y right \\| noisy |")
     print("|---|---|---|---|---|---|---|")
-    for name, tau, topk, standardize in [*SHAPINGS, ("true class (control), τ_s 0.1", 0.1, None, False)]:
-        rows = []
-        for idx in batches:
-            lab, cap = label[idx], caption_label[idx]
-            if name.startswith("true class"):
-                # the control: F = 1 within a true class, 0 elsewhere (each emoji sample its own class here)
-                key = torch.where(lab >= 0, lab, -100 - idx)
-                fine = (key[:, None] == key[None, :]).float()
-            else:
-                fine = fine_similarity(feats[idx])
-            positive = torch.eye(len(idx), dtype=torch.bool)
-            rows.append(score(soft_target_logits(fine, positive, tau, standardize, topk), lab, cap, args.alpha))
+    # F once per batch, shaped every way below: MobileNetV2's late-interaction F, and the control's
+    # (the one-hot true-class features it trains on, so F = 1 within a true class and 0 elsewhere).
+    fines = [(fine_similarity(feats[idx]), (class_id[idx, None] == class_id[None, idx]).float()) for idx in batches]
+    positive = torch.eye(len(batches[0]), dtype=torch.bool)
+    for control, (name, tau, topk, standardize) in [*((False, s) for s in SHAPINGS), (True, CONTROL_SHAPING)]:
+        rows = [score(soft_target_logits(fine[control], positive, tau, standardize, topk), label[idx],
+                      caption_label[idx], args.alpha) for idx, fine in zip(batches, fines)]
         mean = {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
         print(f"| {name} | {mean['S_ii']:.3f} | {mean['H(S)']:.2f} | {mean['same class']:.3f} | "
               f"{mean['right caption']:.3f} | {mean['Y right']:.3f} | {mean['Y right | noisy']:.3f} |")

@@ -181,10 +181,6 @@ def fail_at_end_for_tests(rank: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # A native crash (SIGSEGV/SIGABRT/SIGBUS in gloo, NCCL or another extension) would otherwise end the
-    # rank with no word in its log: print every thread's Python stack to stderr first. The exit status
-    # stays the signal's, and the peers still end through the failfast watcher.
-    faulthandler.enable(all_threads=True)
     try:
         _, _, local_rank = parse(argv)
         env = pdist.from_environ(local_rank_arg=local_rank)
@@ -228,4 +224,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # A native crash (SIGSEGV/SIGABRT/SIGBUS in gloo, NCCL or another extension) would otherwise end the
+    # rank with no word in its log: print every thread's Python stack to stderr first. The exit status
+    # stays the signal's, and the peers still end through the failfast watcher. Set here, by the
+    # process's entry point, so that a caller of main() keeps its own handler.
+    faulthandler.enable(all_threads=True)
     sys.exit(main())

@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import reproduce as R  # noqa: E402
 import reproduce_features as F  # noqa: E402
+import reproduce_plan as P  # noqa: E402
 import reproduce_report as RR  # noqa: E402
 
 
@@ -24,11 +25,11 @@ def fake_results(val_top1, test_top1, r1=0.1, r5=0.3, steps=10, category=None):
 
 
 def test_run_names_are_unique_ascii_and_flags_round_trip():
-    plan = R.PLANS["default"]
-    names = [R.run_name(s, 0.2, 0, plan) for s in [R.CLIP, *R.ABLATION]]
+    plan = P.PLANS["default"]
+    names = [R.run_name(s, 0.2, 0, plan) for s in [P.CLIP, *P.ABLATION]]
     assert len(set(names)) == len(names) and all(n.isascii() for n in names)
-    assert R.run_name(R.CLIP, 0.4, 2, plan) == f"clip_n40_s2_{plan.steps}x{plan.batch}"
-    argv = R.soft("standardised F", soft_standardize=True).argv()
+    assert R.run_name(P.CLIP, 0.4, 2, plan) == f"clip_n40_s2_{plan.steps}x{plan.batch}"
+    argv = P.soft("standardised F", soft_standardize=True).argv()
     assert argv[:2] == ["--loss", "softclip"] and "--soft-standardize" in argv
     assert "True" not in argv  # a switch takes no value
 
@@ -42,25 +43,25 @@ def test_metrics_average_both_retrieval_directions():
 
 
 def test_headline_is_the_label_free_recipe_the_control_is_opt_in_and_both_need_features():
-    [(recipe, _)], (control, why) = R.HEADLINE, R.CONTROL
-    assert recipe is R.MOBILENET_B1 and recipe.features == R.PRETRAINED
+    [(recipe, _)], (control, why) = P.HEADLINE, P.CONTROL
+    assert recipe is P.MOBILENET_B1 and recipe.features == F.PRETRAINED
     assert recipe.flags["soft_source"] == "image" and recipe.flags["soft_image_source"] == "precomputed"
-    assert control is R.CONTROL_B1 and control.features == R.TRUE_CLASS and "control" in why
-    assert R.ONLINE[0].features is None and R.ONLINE[0].flags["beta"] == 0.0   # zero setup: no feature shards
-    assert R.PLANS["default"].seeds >= 5 and R.PLANS["default"].noises == (0.2, 0.4)
-    assert 1 <= R.PLANS["default"].control_seeds <= R.PLANS["default"].seeds
+    assert control is P.CONTROL_B1 and control.features == F.TRUE_CLASS and "control" in why
+    assert P.ONLINE[0].features is None and P.ONLINE[0].flags["beta"] == 0.0   # zero setup: no feature shards
+    assert P.PLANS["default"].seeds >= 5 and P.PLANS["default"].noises == (0.2, 0.4)
+    assert 1 <= P.PLANS["default"].control_seeds <= P.PLANS["default"].seeds
 
 
 def test_issue_15_rows_are_in_the_ablation():
-    rows = {s.name: s for s in R.ABLATION}
-    mobilenet = [s for s in R.ABLATION if s.features == R.PRETRAINED and s.flags.get("soft_image_source") == "precomputed"
+    rows = {s.name: s for s in P.ABLATION}
+    mobilenet = [s for s in P.ABLATION if s.features == F.PRETRAINED and s.flags.get("soft_image_source") == "precomputed"
                  and s.flags["soft_source"] == "image"]
     assert {(s.flags["alpha"], s.flags["beta"]) for s in mobilenet} == {(0.2, 0.0), (0.5, 0.0), (0.2, 1.0), (0.5, 1.0)}
-    both = [s for s in R.ABLATION if s.flags.get("soft_image_source") == s.flags.get("soft_text_source") == "precomputed"]
-    assert len(both) == 1 and both[0].flags["soft_source"] == "both" and both[0].features == R.PRETRAINED
-    controls = [s for s in R.ABLATION if s.features == R.TRUE_CLASS]
+    both = [s for s in P.ABLATION if s.flags.get("soft_image_source") == s.flags.get("soft_text_source") == "precomputed"]
+    assert len(both) == 1 and both[0].flags["soft_source"] == "both" and both[0].features == F.PRETRAINED
+    controls = [s for s in P.ABLATION if s.features == F.TRUE_CLASS]
     assert {s.flags["beta"] for s in controls} == {0.0, 1.0} and all("control" in s.name for s in controls)
-    assert "--soft-image-source" in controls[0].argv() and R.MOBILENET_B1.name in rows
+    assert "--soft-image-source" in controls[0].argv() and P.MOBILENET_B1.name in rows
 
 
 def test_interval_is_students_t():
@@ -115,21 +116,21 @@ def test_finished_needs_the_final_evaluation(tmp_path):
 
 def test_report_has_every_comparison_with_its_interval(tmp_path):
     from types import SimpleNamespace
-    plan = R.PLANS["default"]
+    plan = P.PLANS["default"]
     clip = {s: fake_results(0.5, 0.20 + 0.01 * s, category=0.30) for s in range(3)}
     soft = {s: fake_results(0.5, 0.22 + 0.01 * s + 0.01 * (s == 2), category=0.25) for s in range(3)}  # +2, +2, +3
     runs = {("clip", 0.4): clip, ("softclip", 0.4): soft}
-    tables = [("CLIP vs SoftCLIP (x) — label-free", R.MOBILENET_B1, runs),
-              ("CLIP vs SoftCLIP (y) — control", R.CONTROL_B1, runs)]
+    tables = [("CLIP vs SoftCLIP (x) — label-free", P.MOBILENET_B1, runs),
+              ("CLIP vs SoftCLIP (y) — control", P.CONTROL_B1, runs)]
     args = SimpleNamespace(quick=False, report=True, model="tiny-test", lr=3e-3, deepspeed_config="x.json")
-    ablation = {"CLIP": [fake_results(0.5, 0.5)], R.ONLINE_B0.name: [fake_results(0.45, 0.5)]}
-    RR.write_report(tmp_path, plan, args, R.CLIP, 0.2, ablation, R.ABLATION, tables, 0.0, tmp_path)
+    ablation = {"CLIP": [fake_results(0.5, 0.5)], P.ONLINE_B0.name: [fake_results(0.45, 0.5)]}
+    RR.write_report(tmp_path, plan, args, P.CLIP, 0.2, ablation, P.ABLATION, tables, 0.0, tmp_path)
     md = (tmp_path / "reproduce.md").read_text()
     assert md.count("| 40% | FMNIST top-1 | 21.0 ± 1.0 | 23.3 ± 1.5 | +2.3 ± 0.6 | [+0.9, +3.8] | 3 |") == 2
     assert md.count("| 40% | emoji-category top-1 | 30.0 ± 0.0 | 25.0 ± 0.0 | -5.0 ± 0.0 | [-5.0, -5.0] | 3 |") == 2
-    assert f"| {R.ONLINE_B0.name} |" in md and "| -5.0 |" in md   # the ablation row, against CLIP's val top-1
+    assert f"| {P.ONLINE_B0.name} |" in md and "| -5.0 |" in md   # the ablation row, against CLIP's val top-1
     dump = json.loads((tmp_path / "reproduce.json").read_text())
-    assert [c["name"] for c in dump["comparisons"]] == [R.MOBILENET_B1.name, R.CONTROL_B1.name]
+    assert [c["name"] for c in dump["comparisons"]] == [P.MOBILENET_B1.name, P.CONTROL_B1.name]
     assert (tmp_path / "reproduce.png").is_file()
 
 
@@ -228,10 +229,10 @@ def test_feature_builds_run_precompute_once_and_carry_the_members(tmp_path):
 
 
 def test_report_mode_pairs_every_comparison_by_seed_and_builds_nothing(tmp_path):
-    plan = R.PLANS["quick"]
+    plan = P.PLANS["quick"]
     runs = tmp_path / "runs"
-    test_top1 = {R.CLIP.name: 0.30, R.MOBILENET_B1.name: 0.33, R.CONTROL_B1.name: 0.40, R.ONLINE_B0.name: 0.28}
-    for setting in (R.CLIP, R.MOBILENET_B1, R.CONTROL_B1, R.ONLINE_B0):
+    test_top1 = {P.CLIP.name: 0.30, P.MOBILENET_B1.name: 0.33, P.CONTROL_B1.name: 0.40, P.ONLINE_B0.name: 0.28}
+    for setting in (P.CLIP, P.MOBILENET_B1, P.CONTROL_B1, P.ONLINE_B0):
         run = runs / R.run_name(setting, 0.4, 0, plan)
         run.mkdir(parents=True)
         (run / "results.json").write_text(json.dumps(fake_results(0.5, test_top1[setting.name], steps=plan.steps)))
@@ -239,7 +240,7 @@ def test_report_mode_pairs_every_comparison_by_seed_and_builds_nothing(tmp_path)
     assert "control" not in (tmp_path / "out" / "reproduce.md").read_text()   # opt-in
     assert R.main(["--quick", "--control", "--online", "--report", "--runs", str(runs), "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "reproduce.md").read_text()
-    for setting, _ in [*R.HEADLINE, R.CONTROL, R.ONLINE]:
+    for setting, _ in [*P.HEADLINE, P.CONTROL, P.ONLINE]:
         assert f"CLIP vs SoftCLIP ({setting.name}) — " in md
     for soft_top1, diff in (("33.0", "+3.0"), ("40.0", "+10.0"), ("28.0", "-2.0")):
         assert f"| 40% | FMNIST top-1 | 30.0 | {soft_top1} | {diff} | - | 1 |" in md
@@ -247,9 +248,9 @@ def test_report_mode_pairs_every_comparison_by_seed_and_builds_nothing(tmp_path)
 
 
 def test_clip_only_reports_clips_seed_spread_and_nothing_else(tmp_path):
-    plan = R.PLANS["quick"]
+    plan = P.PLANS["quick"]
     runs = tmp_path / "runs"
-    for setting, seed, top1 in ((R.CLIP, 0, 0.30), (R.CLIP, 1, 0.33), (R.CLIP, 2, 0.36), (R.MOBILENET_B1, 0, 0.5)):
+    for setting, seed, top1 in ((P.CLIP, 0, 0.30), (P.CLIP, 1, 0.33), (P.CLIP, 2, 0.36), (P.MOBILENET_B1, 0, 0.5)):
         run = runs / R.run_name(setting, 0.4, seed, plan)
         run.mkdir(parents=True)
         (run / "results.json").write_text(json.dumps(fake_results(0.5, top1, steps=plan.steps)))
@@ -263,8 +264,8 @@ def test_clip_only_reports_clips_seed_spread_and_nothing_else(tmp_path):
 
 
 def test_run_minutes_counts_only_the_plans_budget(tmp_path):
-    plan = R.PLANS["quick"]
-    for name, minutes in ((R.run_name(R.CLIP, 0.4, 0, plan), 3.0), ("clip_n40_s0_999x128", 50.0)):
+    plan = P.PLANS["quick"]
+    for name, minutes in ((R.run_name(P.CLIP, 0.4, 0, plan), 3.0), ("clip_n40_s0_999x128", 50.0)):
         run = tmp_path / name
         run.mkdir()
         (run / "config.json").write_text("{}")
@@ -293,10 +294,10 @@ def test_set_openclipart_plans_clip_and_the_recipe_on_its_shards_and_eval_split(
     monkeypatch.setattr(R, "run_all", lambda planned, *a: jobs.extend(planned) or {})
     runs = tmp_path / "runs"
     assert R.main(["--set", "openclipart", "--runs", str(runs), "--out", str(tmp_path / "out")]) == 0
-    plan = R.REAL_PLANS["default"]
+    plan = P.REAL_PLANS["default"]
     assert [run.name for run, _ in jobs] == [R.run_name(s, 0.0, seed, plan) for seed in range(plan.seeds)
-                                             for s in (R.CLIP, R.MOBILENET_B1)]
-    assert features == [(R.PRETRAINED, out, str(out / "train/{00000..00015}.tar"), runs / "data")]  # once
+                                             for s in (P.CLIP, P.MOBILENET_B1)]
+    assert features == [(F.PRETRAINED, out, str(out / "train/{00000..00015}.tar"), runs / "data")]  # once
 
     def flag(cmd, name):
         return cmd[cmd.index(name) + 1]
@@ -316,8 +317,8 @@ def test_set_openclipart_plans_clip_and_the_recipe_on_its_shards_and_eval_split(
     features.clear()
     assert R.main(["--set", "openclipart", "--control", "--runs", str(runs), "--out", str(tmp_path / "out")]) == 0
     control = [run.name for run, _ in jobs if run.name.startswith("true-class")]
-    assert control == [R.run_name(R.CONTROL_B1, 0.0, seed, plan) for seed in range(plan.control_seeds)]
-    assert plan.control_seeds == 3 and R.TRUE_CLASS in {kind for kind, *_ in features}
+    assert control == [R.run_name(P.CONTROL_B1, 0.0, seed, plan) for seed in range(plan.control_seeds)]
+    assert plan.control_seeds == 3 and F.TRUE_CLASS in {kind for kind, *_ in features}
 
 
 def test_set_openclipart_ablation_runs_once_per_setting_and_embedded_commands_are_unchanged(tmp_path, monkeypatch):
@@ -329,11 +330,11 @@ def test_set_openclipart_ablation_runs_once_per_setting_and_embedded_commands_ar
     names = [run.name for run, _ in jobs]
     assert all("_n00_" in n for n in names)
     # CLIP and the ablation with its 2 control rows; the comparison's recipe run is the ablation's (one run)
-    assert len(names) == len(set(names)) == 1 + len(R.ABLATION)
+    assert len(names) == len(set(names)) == 1 + len(P.ABLATION)
     # the embedded set's command is what it was before --set existed: finished runs stay finished
     from types import SimpleNamespace
     args = SimpleNamespace(deepspeed_config="d.json", model="tiny-test", lr=3e-3, set="embedded")
-    cmd = R.command(tmp_path / "r", R.CLIP, tmp_path / "noise20", 0, R.PLANS["default"], args)
+    cmd = R.command(tmp_path / "r", P.CLIP, tmp_path / "noise20", 0, P.PLANS["default"], args)
     at = cmd.index("--train-data")
     assert cmd[at + 2:at + 5] == ["--tokenizer", str(R.DEFAULT_TOKENIZER), "--output-dir"]
     assert "--zeroshot-data" not in cmd and "--retrieval-data" not in cmd
@@ -341,7 +342,7 @@ def test_set_openclipart_ablation_runs_once_per_setting_and_embedded_commands_ar
 
 def test_report_of_a_real_caption_set_names_its_metric_and_chance(tmp_path):
     from types import SimpleNamespace
-    plan = R.REAL_PLANS["default"]
+    plan = P.REAL_PLANS["default"]
 
     def real(top1):
         return {"final": {"step": 10, "openclipart-val/top1": top1, "openclipart-test/top1": top1}, "steps": 10}
@@ -349,13 +350,13 @@ def test_report_of_a_real_caption_set_names_its_metric_and_chance(tmp_path):
             ("softclip", 0.0): {s: real(0.23 + 0.01 * s) for s in range(2)}}
     args = SimpleNamespace(quick=False, report=True, model="tiny-test", lr=3e-3, deepspeed_config="x.json",
                            set="openclipart")
-    ablation = {"CLIP": [real(0.20)], R.MOBILENET_B1.name: [real(0.25)]}
-    RR.write_report(tmp_path, plan, args, R.CLIP, 0.0, ablation, [R.MOBILENET_B1],
-                    [("CLIP vs SoftCLIP (x) — y", R.MOBILENET_B1, runs)], 0.0, tmp_path, {0.0: runs[("clip", 0.0)]})
+    ablation = {"CLIP": [real(0.20)], P.MOBILENET_B1.name: [real(0.25)]}
+    RR.write_report(tmp_path, plan, args, P.CLIP, 0.0, ablation, [P.MOBILENET_B1],
+                    [("CLIP vs SoftCLIP (x) — y", P.MOBILENET_B1, runs)], 0.0, tmp_path, {0.0: runs[("clip", 0.0)]})
     md = (tmp_path / "reproduce.md").read_text()
     # its ablation table has no emoji columns, which this set has no figures for
     assert "| setting | flags | Open Clip Art-val top-1 | Δ top-1 vs CLIP | S_ii | H(S) |\n|---|---|---|---|---|---|" in md
-    assert f"| {R.MOBILENET_B1.name} | `{' '.join(R.MOBILENET_B1.argv()[2:])}` | 25.0 | +5.0 |  |  |" in md
+    assert f"| {P.MOBILENET_B1.name} | `{' '.join(P.MOBILENET_B1.argv()[2:])}` | 25.0 | +5.0 |  |  |" in md
     assert "| 0% | Open Clip Art top-1 | 20.5 ± 0.7 | 23.5 ± 0.7 | +3.0 ± 0.0 | [+3.0, +3.0] | 2 |" in md
     assert "| 0% | 20.0 / 21.0 | 20.5 ± 0.7 | yes |" in md and "chance is 4.8%" in md
     assert RR.metrics(real(0.3), "test") == {"top1": 0.3}
@@ -369,31 +370,31 @@ def test_screen_runs_the_recipes_neighbours_at_one_noise_and_shares_the_headline
     R.main(["--screen", "--noise", "0.2", "--seeds", "1", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path)])
     names = [run.name for run, _ in jobs]
     # CLIP and the screen at 20%, seed 0; the comparison's CLIP and recipe runs are the screen's
-    assert len(names) == len(set(names)) == 1 + len(R.GAP_SCREEN)
+    assert len(names) == len(set(names)) == 1 + len(P.GAP_SCREEN)
     assert all("_n20_s0_" in n for n in names)
     flags = {run.name: cmd for run, cmd in jobs}
-    assert "--soft-topk" in flags[R.run_name(R.GAP_SCREEN[2], 0.2, 0, R.PLANS["default"])]
+    assert "--soft-topk" in flags[R.run_name(P.GAP_SCREEN[2], 0.2, 0, P.PLANS["default"])]
     jobs.clear()
     R.main(["--ablation", "--screen", "--noise", "0.2", "--seeds", "1", "--runs", str(tmp_path / "runs"),
             "--out", str(tmp_path)])
-    assert len(jobs) == 1 + len(R.ABLATION) + 2   # the screen adds top-8 and τ_s 0.05; the rest are shared
+    assert len(jobs) == 1 + len(P.ABLATION) + 2   # the screen adds top-8 and τ_s 0.05; the rest are shared
     with pytest.raises(SystemExit, match="--noise"):
         R.main(["--noise", "0.3", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path)])
 
 
 def test_compare_adds_a_screened_setting_as_a_paired_table_and_names_the_choices(tmp_path, monkeypatch):
-    plan = R.PLANS["default"]
+    plan = P.PLANS["default"]
     runs = tmp_path / "runs"
-    chosen = R.GAP_SCREEN[2]
-    for setting, top1 in ((R.CLIP, 0.70), (R.MOBILENET_B1, 0.68), (chosen, 0.74)):
+    chosen = P.GAP_SCREEN[2]
+    for setting, top1 in ((P.CLIP, 0.70), (P.MOBILENET_B1, 0.68), (chosen, 0.74)):
         run = runs / R.run_name(setting, 0.2, 0, plan)
         run.mkdir(parents=True)
         (run / "results.json").write_text(json.dumps(fake_results(0.5, top1, steps=plan.steps)))
     argv = ["--noise", "0.2", "--seeds", "1", "--report", "--runs", str(runs), "--out", str(tmp_path / "out")]
-    assert R.main([*argv, "--compare", R.slug(chosen)]) == 0
+    assert R.main([*argv, "--compare", P.slug(chosen)]) == 0
     md = (tmp_path / "out" / "reproduce.md").read_text()
     assert f"CLIP vs SoftCLIP ({chosen.name}) — chosen on the validation screen" in md
     assert "| 20% | FMNIST top-1 | 70.0 | 74.0 | +4.0 | - | 1 |" in md
-    assert f"--compare {R.slug(chosen)} --noise 0.2 --seeds 1`" in md
+    assert f"--compare {P.slug(chosen)} --noise 0.2 --seeds 1`" in md
     with pytest.raises(SystemExit, match="--compare 'top-8' is not an ablation or screen setting; one of: paper"):
         R.main([*argv, "--compare", "top-8"])
