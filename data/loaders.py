@@ -96,6 +96,9 @@ class Loader:
         return self.num_batches
 
     def __iter__(self) -> Iterator[dict]:
+        # Workers start by the platform's default method (fork on Linux before Python 3.14), safe in a process
+        # without native threads. Inside a rank, iterate with pretrain.runtime.workers.iterate, which
+        # starts them from a fork server: forking next to gloo's or NCCL's threads can deadlock.
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=None, shuffle=False, num_workers=self.num_workers,
             pin_memory=self.pin_memory, persistent_workers=False,

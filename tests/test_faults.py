@@ -185,12 +185,17 @@ def test_every_failure_ends_every_rank_promptly(embedded, bad_data, tmp_path, mo
 
 
 def kill_a_worker(rank_pid: int) -> None:
-    children = Path(f"/proc/{rank_pid}/task/{rank_pid}/children").read_text().split()
-    assert children, "the rank has no DataLoader worker to kill"
-    os.kill(int(children[0]), signal.SIGKILL)
+    """SIGKILL one of the rank's DataLoader workers: they are children of its fork server, the rank's child."""
+    def children(pid: int) -> list[int]:
+        return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    workers = [w for server in children(rank_pid) for w in children(server)]
+    assert workers, "the rank has no DataLoader worker to kill"
+    os.kill(workers[0], signal.SIGKILL)
 
 
 RAISING_LOOP = """
+import sys
+sys.path.insert(0, {repo!r})
 import torch
 from types import SimpleNamespace
 from data.tario import DataError
@@ -201,17 +206,20 @@ class Broken(torch.utils.data.IterableDataset):
         yield torch.zeros(1)
         raise DataError("rank 0 worker 0: 5 of 69 samples failed")
 
-loader = SimpleNamespace(dataset=Broken(), num_workers=1, pin_memory=False, prefetch_factor=2)
-for batch in iterate(loader):
-    pass
+if __name__ == "__main__":  # workers start from a fork server, which imports this script
+    loader = SimpleNamespace(dataset=Broken(), num_workers=1, pin_memory=False, prefetch_factor=2)
+    for batch in iterate(loader):
+        pass
 """
 
 
-def test_an_exception_escaping_the_worker_loop_does_not_hang_the_process():
+def test_an_exception_escaping_the_worker_loop_does_not_hang_the_process(tmp_path):
     """The minimal form of the blocker: before the fix this process never exited."""
     t0 = time.monotonic()
     try:
-        r = subprocess.run([sys.executable, "-c", RAISING_LOOP], cwd=REPO, capture_output=True, text=True,
+        script = tmp_path / "raising_loop.py"
+        script.write_text(RAISING_LOOP.format(repo=str(REPO)))
+        r = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True,
                            timeout=120)
     except subprocess.TimeoutExpired:
         pytest.fail("the process hung after its DataLoader worker raised")

@@ -3,4 +3,5 @@ import sys
 
 from pretrain.evaluate.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # DataLoader workers import this module too (pretrain/runtime/workers.py)
+    sys.exit(main())

@@ -54,11 +54,11 @@ FINAL_WAIT_S = 600.0  # the final barrier's bound: the process-group timeout it 
 def end_worker_processes() -> None:
     """SIGKILL this process's multiprocessing children (DataLoader workers) and reap them.
 
-    DataLoader workers ignore SIGTERM (pretrain/train/feed.py), so multiprocessing's own exit hook, which
-    terminates daemonic children with SIGTERM and then joins them, would wait forever. The caller is
-    exiting, so the workers' pending batches are of no use. Rank 0's workers must go with it for a
-    second reason: forked from it, they hold the store server's sockets open, and a peer's store
-    request would then hang until they notice their parent is gone (torch checks every 5 s).
+    DataLoader workers ignore SIGTERM (pretrain/runtime/workers.py), so multiprocessing's own exit hook,
+    which terminates daemonic children with SIGTERM and then joins them, would wait forever. The caller
+    is exiting, so the workers' pending batches are of no use. The workers are forked by a fork server
+    rather than by this process, but they are still its multiprocessing children: it started them, and
+    it can kill and reap them through their Process objects.
     """
     if threading.current_thread() is threading.main_thread():  # signal.signal works there only
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise "worker killed"
