@@ -193,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         if env.is_main:  # every rank fails the same checks; one copy of the message is enough
             print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    if cfg.workers > 0:
+        from pretrain.runtime.workers import start_worker_server
+        start_worker_server()
     from pretrain.observe.runlog import RunLog
     # From here on SIGUSR1/SIGTERM only set a flag: a signal during start-up is acted on after the
     # first step (checkpoint, EXIT_PREEMPTED) instead of killing the rank with no exit code to requeue on.

@@ -80,3 +80,16 @@ def test_a_killed_rank_leaves_no_worker_or_fork_server_behind(tmp_path):
     for p in left:
         os.kill(p, signal.SIGKILL)
     assert not left, f"still running 20 s after their rank was killed: {left}"
+
+
+def test_a_server_started_early_serves_the_loaders():
+    """pretrain/main.py starts the server before the engine; the loaders must then use that one."""
+    from multiprocessing import forkserver
+
+    from pretrain.runtime.workers import start_worker_server
+    start_worker_server()
+    server_alive_fd = forkserver._forkserver._forkserver_alive_fd
+    loader = SimpleNamespace(dataset=ParentPids(), num_workers=1, pin_memory=False, prefetch_factor=2)
+    parents = {int(b) for b in iterate(loader)}
+    assert forkserver._forkserver._forkserver_alive_fd == server_alive_fd
+    assert len(parents) == 1 and parents != {os.getpid()}

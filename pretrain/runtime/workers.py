@@ -45,6 +45,14 @@ def worker_context():
     return ctx
 
 
+def start_worker_server() -> None:
+    """Start the fork server now rather than at the first batch, so that its interpreter start
+    overlaps the rank's own set-up (model, engine, checkpoint) instead of delaying the first step."""
+    from multiprocessing import forkserver
+    worker_context()
+    forkserver.ensure_running()
+
+
 def ignore_stop_signals() -> None:
     # Slurm (and the deepspeed launcher's terminate_process_tree) signal every process of a step,
     # DataLoader workers included. torch's worker SIGTERM handler makes a worker die on it, and the
