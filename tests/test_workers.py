@@ -13,15 +13,18 @@ from pretrain.runtime.workers import iterate
 
 REPO = Path(__file__).resolve().parent.parent
 
+
 class ParentPids(torch.utils.data.IterableDataset):
     def __iter__(self):
         yield torch.tensor([os.getppid()])
+
 
 def test_workers_are_not_children_of_the_process_that_iterates():
     loader = SimpleNamespace(dataset=ParentPids(), num_workers=1, pin_memory=False, prefetch_factor=2)
     (parent,) = [int(b) for b in iterate(loader)]
     assert parent != os.getpid()   # forked from the server, which this process started
     assert Path(f"/proc/{parent}/stat").read_text().split(") ")[1].split()[1] == str(os.getpid())
+
 
 def test_worker_starts_do_not_hang_beside_threads_that_make_thread_states():
     """A plain fork hangs here within a few hundred starts, usually (tests/fork_churn.py)."""
@@ -82,14 +85,30 @@ def test_a_killed_rank_leaves_no_worker_or_fork_server_behind(tmp_path):
     assert not left, f"still running 20 s after their rank was killed: {left}"
 
 
-def test_a_server_started_early_serves_the_loaders():
-    """pretrain/main.py starts the server before the engine; the loaders must then use that one."""
-    from multiprocessing import forkserver
+EARLY_SERVER = """
+import os, sys
+sys.path.insert(0, {repo!r})
+from multiprocessing import forkserver
+from types import SimpleNamespace
+from pretrain.runtime.workers import iterate, start_worker_server
+from test_workers import ParentPids
 
-    from pretrain.runtime.workers import start_worker_server
+if __name__ == "__main__":
     start_worker_server()
-    server_alive_fd = forkserver._forkserver._forkserver_alive_fd
+    started = forkserver._forkserver._forkserver_alive_fd
+    assert started is not None, "start_worker_server started no server"
     loader = SimpleNamespace(dataset=ParentPids(), num_workers=1, pin_memory=False, prefetch_factor=2)
-    parents = {int(b) for b in iterate(loader)}
-    assert forkserver._forkserver._forkserver_alive_fd == server_alive_fd
-    assert len(parents) == 1 and parents != {os.getpid()}
+    parents = {{int(b) for b in iterate(loader)}}
+    assert forkserver._forkserver._forkserver_alive_fd == started, "the loader started a second server"
+    assert len(parents) == 1 and parents != {{os.getpid()}}, parents
+"""
+
+
+def test_a_server_started_early_serves_the_loaders(tmp_path):
+    """pretrain/main.py starts the server before the engine; the loaders must then use that one. In a
+    fresh process: in this one an earlier test has already started a server."""
+    script = tmp_path / "early_server.py"
+    script.write_text(EARLY_SERVER.format(repo=str(REPO)))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100,
+                       env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
+    assert r.returncode == 0, r.stderr[-2000:]
