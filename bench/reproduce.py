@@ -92,7 +92,7 @@ def shards_for(setting: Setting, noise: float, data_root: Path, bench_set=sets.E
 
 # ----------------------------------------------------------------------------------- runs
 def run_name(setting: Setting, noise: float, seed: int, plan: Plan) -> str:
-    return f"{slug(setting)}_n{round(noise * 100):02d}_s{seed}_{plan.steps}x{plan.batch}"
+    return f"{slug(setting)}_n{round(noise * 100):02d}_s{seed}_{plan.budget}"
 
 
 def finished(run: Path) -> dict | None:
@@ -116,7 +116,7 @@ def done_with(run: Path, cmd: list[str]) -> dict | None:
 
 def command(run: Path, setting: Setting, shards: Path, seed: int, plan: Plan, args) -> list[str]:
     return [sys.executable, "pretrain/main.py", "--deepspeed_config", args.deepspeed_config,
-            "--model", args.model, *setting.argv(), "--train-data", train_pattern(shards),
+            "--model", plan.model, *setting.argv(), "--train-data", train_pattern(shards),
             *sets.data_flags(sets.get(args.set), DEFAULT_TOKENIZER), "--output-dir", str(run), "--seed", str(seed),
             "--batch-size", str(plan.batch), "--steps", str(plan.steps), "--warmup", "5%", "--lr", str(args.lr),
             "--weight-decay", "0.1", "--eval-every", "25%", "--save-every", "0", "--log-every", "25",
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     p.add_argument("--noise", type=float, action="append",
                    help="only this caption noise of the plan (repeatable): a sweep split into parts")
     p.add_argument("--parallel", type=int, help="runs at a time (default: one per CPU core on CPU, 1 on CUDA)")
-    p.add_argument("--model", default="tiny-test")
+    p.add_argument("--model", help="override the plan's model (default: tiny-test; see reproduce_plan.py)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--deepspeed_config", default=None, help="default: cpu_zero2 (fp32) on CPU, zero2_bf16 on GPU")
     args = p.parse_args(argv)
@@ -257,11 +257,10 @@ def main(argv=None) -> int:
     args.deepspeed_config = args.deepspeed_config or ("ds_configs/zero2_bf16.json" if cuda else "ds_configs/cpu_zero2.json")
     parallel = args.parallel or (1 if cuda else len(os.sched_getaffinity(0)))
     bench_set = sets.get(args.set)
-    suffix = () if bench_set is sets.EMBEDDED else (bench_set.name,)   # the embedded paths stay as they were
-    args.runs = args.runs or str(Path(REPO, "runs", "reproduce", *suffix))
-    args.out = args.out or str(Path(REPO, "results", *suffix))
+    args.runs = args.runs or str(Path(REPO, "runs", "reproduce", *sets.runs_folder(bench_set)))
+    args.out = args.out or str(Path(REPO, "results", *sets.runs_folder(bench_set)))
     plan = (PLANS if bench_set.synthetic_noise else REAL_PLANS)["quick" if args.quick else "default"]
-    plan = replace(plan, steps=args.steps or plan.steps, seeds=args.seeds or plan.seeds)
+    plan = replace(plan, steps=args.steps or plan.steps, seeds=args.seeds or plan.seeds, model=args.model or plan.model)
     plan = replace(plan, control_seeds=min(plan.control_seeds, plan.seeds))
     if args.noise:
         if not set(args.noise) <= set(plan.noises):

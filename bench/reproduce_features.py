@@ -7,7 +7,7 @@ and is kept; an interrupted one continues from its finished shards).
                  make both for any image-text shards.
     true-class   fine_img: ONE region per image, the one-hot of its true class (the Fashion-MNIST
                  label, or the emoji itself; on Open Clip Art the drawing's category folder where
-                 it has one of the 21, else the drawing itself), imported as `--detector-features`.
+                 it has a labelled one, else the drawing itself), imported as `--detector-features`.
                  It reads labels the captions may contradict, so it is a positive control, never a
                  candidate recipe: it shows what the loss delivers when the image-side targets are right.
 """

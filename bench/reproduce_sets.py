@@ -3,7 +3,7 @@
     embedded      Fashion-MNIST + emoji with templated captions, class swaps as caption noise (the default;
                   data/embedded, in the repository)
     openclipart   the Open Clip Art Library: ~6,700 drawings with their authors' own titles, descriptions
-                  and keywords, zero-shot over 21 category folders (`python -m data.openclipart`, from
+                  and keywords, zero-shot over 27 category folders (`python -m data.openclipart`, from
                   Debian's openclipart-svg). No noise is added: the captions are as written, and how noisy
                   they are is the question.
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from data.openclipart_meta import CLASSES as OPENCLIPART_CLASSES
 
 
 @dataclass(frozen=True)
@@ -24,10 +26,10 @@ class BenchSet:
 
 
 EMBEDDED = BenchSet("embedded", "the embedded data", "fmnist", "FMNIST top-1", 0.1, True)
-# Its true-class control is an analogue: the ~1 training drawing in 6 that sits in one of the 21 labelled folders
+# Its true-class control is an analogue: the ~1 training drawing in 6 that sits in one of the labelled folders
 # gets its folder's one-hot, every other drawing a one-hot of its own (bench/reproduce_features.py).
 OPENCLIPART = BenchSet("openclipart", "Open Clip Art (real captions)", "openclipart", "Open Clip Art top-1",
-                       1 / 21, False)
+                       1 / len(OPENCLIPART_CLASSES), False)
 SETS = {s.name: s for s in (EMBEDDED, OPENCLIPART)}
 
 
@@ -35,6 +37,17 @@ def get(name: str) -> BenchSet:
     if name not in SETS:
         raise SystemExit(f"--set {name!r} is not one of {sorted(SETS)}.")
     return SETS[name]
+
+
+def runs_folder(bench_set: BenchSet) -> tuple[str, ...]:
+    """Where a set's runs and feature builds go under runs/reproduce, and its report under results/. A real
+    set's folder names its build version: a finished run is recognised by its command alone, and the
+    command names the build's paths, not its contents, so a rebuilt set (other classes, other splits)
+    must not find the old build's runs finished, nor overwrite its report."""
+    if bench_set is EMBEDDED:
+        return ()  # the embedded paths stay as they were
+    from data.openclipart import VERSION
+    return (bench_set.name if VERSION == 1 else f"{bench_set.name}-v{VERSION}",)
 
 
 def real_build() -> Path:

@@ -55,6 +55,14 @@ CLASSES = {
     "a stick figure": ("people/stickmen",),
     "a jigsaw puzzle piece": ("shapes/jigsaw",),
     "a weapon": ("tools/weapons",),
+    # Added in build version 2, to widen the test split (docs/reproduction.md: its size and its class
+    # count both set how far CLIP's score moves from seed to seed).
+    "a mammal": ("animals/mammals",),
+    "an arrow": ("shapes/arrows",),
+    "a map": ("geography",),
+    "a computer": ("computer/hardware",),
+    "sports equipment": ("recreation/sports",),
+    "a toy": ("recreation/toys",),
 }  # office/telephone (16 drawings) was left out: 6 test images would make its accuracy a coin toss
 # clip_benchmark's template syntax ({c}); the drawings are clip art, so the prompts say so.
 TEMPLATES = ("{c}.", "clip art of {c}.", "a drawing of {c}.", "an illustration of {c}.", "{c}, vector clip art.")

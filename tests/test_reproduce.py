@@ -2,6 +2,7 @@
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,9 @@ def test_run_names_are_unique_ascii_and_flags_round_trip():
     names = [R.run_name(s, 0.2, 0, plan) for s in [P.CLIP, *P.ABLATION]]
     assert len(set(names)) == len(names) and all(n.isascii() for n in names)
     assert R.run_name(P.CLIP, 0.4, 2, plan) == f"clip_n40_s2_{plan.steps}x{plan.batch}"
+    # another model is another budget: its runs never take the tiny-test runs' folders
+    assert R.run_name(P.CLIP, 0.4, 2, replace(plan, model="tiny")) == f"clip_n40_s2_{plan.steps}x{plan.batch}_tiny"
+    assert R.run_name(P.CLIP, 0.4, 2, replace(plan, model="cfg/My model.json")).endswith("x128_cfg-My-model-json")
     argv = P.soft("standardised F", soft_standardize=True).argv()
     assert argv[:2] == ["--loss", "softclip"] and "--soft-standardize" in argv
     assert "True" not in argv  # a switch takes no value
@@ -257,10 +261,21 @@ def test_clip_only_reports_clips_seed_spread_and_nothing_else(tmp_path):
     assert R.main(["--quick", "--seeds", "3", "--clip-only", "--report", "--runs", str(runs),
                    "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "reproduce.md").read_text()
-    assert "| 40% | 30.0 / 33.0 / 36.0 | 33.0 ± 3.0 | no |" in md   # std 3 > 2 points
+    assert "| 40% | 30.0 / 33.0 / 36.0 | 33.0 ± 3.0 | no | yes |" in md   # std 3 > 2 points; 33 >= 3 x 10%
     assert "CLIP vs SoftCLIP" not in md and "`bench/reproduce.py --quick --clip-only --seeds 3`" in md
+    # another budget's runs in the same folder: the report reads only its own and its command names it
+    other = replace(plan, steps=300, model="tiny")
+    run = runs / R.run_name(P.CLIP, 0.4, 0, other)
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps(fake_results(0.5, 0.25, steps=300)))
+    assert R.main(["--quick", "--clip-only", "--report", "--model", "tiny", "--steps", "300", "--runs", str(runs),
+                   "--out", str(tmp_path / "other")]) == 0
+    md = (tmp_path / "other" / "reproduce.md").read_text()
+    assert "`bench/reproduce.py --quick --clip-only --model tiny --steps 300`" in md and "Model `tiny`, 300 steps" in md
+    assert "| 40% | 25.0 | 25.0 | - | no |" in md  # its one seed, not the tiny-test runs beside it
     small = {0.2: {s: fake_results(0.5, 0.60 + 0.01 * s) for s in range(3)}}
-    assert "| 20% | 60.0 / 61.0 / 62.0 | 61.0 ± 1.0 | yes |" in RR.baseline_table(small, (0.2, 0.4))
+    assert "| 20% | 60.0 / 61.0 / 62.0 | 61.0 ± 1.0 | yes | yes |" in RR.baseline_table(small, (0.2, 0.4))
+    assert "| 20% | 60.0 / 61.0 / 62.0 | 61.0 ± 1.0 | yes | no |" in RR.baseline_table(small, (0.2,), chance=0.25)
 
 
 def test_run_minutes_counts_only_the_plans_budget(tmp_path):
@@ -304,7 +319,8 @@ def test_set_openclipart_plans_clip_and_the_recipe_on_its_shards_and_eval_split(
     for run, cmd in jobs:
         assert flag(cmd, "--tokenizer") == str(out / "tokenizer") and flag(cmd, "--retrieval-data") == "none"
         assert flag(cmd, "--zeroshot-data") == f"clip_benchmark:{out / 'eval'}"
-        assert flag(cmd, "--steps") == "1500" and flag(cmd, "--output-dir") == str(run)
+        assert flag(cmd, "--steps") == str(plan.steps) and flag(cmd, "--output-dir") == str(run)
+        assert flag(cmd, "--model") == plan.model
         recipe = run.name.startswith("mobilenetv2")
         assert flag(cmd, "--train-data") == (str(tmp_path / "openclipart-pretrained") if recipe
                                              else str(out / "train/{00000..00015}.tar"))
@@ -319,6 +335,22 @@ def test_set_openclipart_plans_clip_and_the_recipe_on_its_shards_and_eval_split(
     control = [run.name for run, _ in jobs if run.name.startswith("true-class")]
     assert control == [R.run_name(P.CONTROL_B1, 0.0, seed, plan) for seed in range(plan.control_seeds)]
     assert plan.control_seeds == 3 and F.TRUE_CLASS in {kind for kind, *_ in features}
+
+
+def test_a_rebuilt_real_set_does_not_find_the_old_builds_runs_finished(tmp_path, monkeypatch):
+    """Runs count as finished by their command, which names the build's paths, not its contents: the
+    default runs folder of a real set names its build version, so version 2's sweep starts afresh."""
+    import data.openclipart as O
+    real_caption_build(tmp_path, monkeypatch)
+    monkeypatch.setattr(R, "REPO", tmp_path)
+    monkeypatch.setattr(R, "feature_build", lambda *a: tmp_path / "features")
+    folders = []
+    monkeypatch.setattr(R, "run_all", lambda planned, *a: folders.extend({run.parent for run, _ in planned}) or {})
+    for version, expected in ((1, "openclipart"), (2, "openclipart-v2")):
+        monkeypatch.setattr(O, "VERSION", version)
+        folders.clear()
+        assert R.main(["--set", "openclipart", "--clip-only", "--out", str(tmp_path / "out")]) == 0
+        assert folders == [tmp_path / "runs" / "reproduce" / expected]
 
 
 def test_set_openclipart_ablation_runs_once_per_setting_and_embedded_commands_are_unchanged(tmp_path, monkeypatch):
@@ -358,7 +390,7 @@ def test_report_of_a_real_caption_set_names_its_metric_and_chance(tmp_path):
     assert "| setting | flags | Open Clip Art-val top-1 | Δ top-1 vs CLIP | S_ii | H(S) |\n|---|---|---|---|---|---|" in md
     assert f"| {P.MOBILENET_B1.name} | `{' '.join(P.MOBILENET_B1.argv()[2:])}` | 25.0 | +5.0 |  |  |" in md
     assert "| 0% | Open Clip Art top-1 | 20.5 ± 0.7 | 23.5 ± 0.7 | +3.0 ± 0.0 | [+3.0, +3.0] | 2 |" in md
-    assert "| 0% | 20.0 / 21.0 | 20.5 ± 0.7 | yes |" in md and "chance is 4.8%" in md
+    assert "| 0% | 20.0 / 21.0 | 20.5 ± 0.7 | yes | yes |" in md and "chance is 3.7%" in md  # 1 / 27 classes
     assert RR.metrics(real(0.3), "test") == {"top1": 0.3}
 
 
