@@ -10,7 +10,7 @@
     python bench/reproduce.py --noise 0.2  # only one noise level of the plan (a sweep split into parts)
     python bench/reproduce.py --online     # also the online zero-setup setting over every noise x seed
     python bench/reproduce.py --report     # rewrite results/ from the runs on disk, run nothing
-    python bench/reproduce.py --set openclipart   # the same comparison on real captions (results/openclipart/)
+    python bench/reproduce.py --set openclipart   # the same comparison on real captions (results/openclipart-v2/)
     python bench/reproduce.py --set openclipart --control   # + its control analogue (folder labels, 3 seeds)
 
 The headline compares CLIP with the label-free recipe over caption noise x 5 seeds, on the TEST
@@ -27,7 +27,10 @@ emoji image<->name retrieval R@1/R@5.
 The budget (tiny-test, 1,500 steps x 128) is the shortest tried at which CLIP's seed-to-seed std is
 at most 2 points (issue 15's bar for resolving a 3-point effect over 5 seeds): at 40% noise CLIP
 scored 22.3 / 24.5 / 21.8 at 250 steps (seeds 0-2), 50.3 +- 5.1 at 750 steps and 63.8 +- 1.1 at
-1,500 steps (seeds 0-4; docs/reproduction.md has every figure).
+1,500 steps (seeds 0-4; docs/reproduction.md has every figure). `--set openclipart` trains the `tiny`
+model for 750 steps: on its test split that is the budget found to put CLIP at 3x chance with a std
+of at most 2 points (reproduce_plan.py). `--model` and `--steps` override a plan's budget; run names
+carry the model unless it is tiny-test, so another budget never takes a finished run's folder.
 
 Runs go `--parallel` at a time (default: one per CPU core on CPU, each pinned to its own cores; on
 CUDA the runs share the device): a 0.3 M-parameter model uses ~1.2 of 2 cores, so two pinned runs
@@ -248,7 +251,7 @@ def main(argv=None) -> int:
     p.add_argument("--noise", type=float, action="append",
                    help="only this caption noise of the plan (repeatable): a sweep split into parts")
     p.add_argument("--parallel", type=int, help="runs at a time (default: one per CPU core on CPU, 1 on CUDA)")
-    p.add_argument("--model", help="override the plan's model (default: tiny-test; see reproduce_plan.py)")
+    p.add_argument("--model", help="override the plan's model (tiny-test; tiny for --set openclipart; reproduce_plan.py)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--deepspeed_config", default=None, help="default: cpu_zero2 (fp32) on CPU, zero2_bf16 on GPU")
     args = p.parse_args(argv)

@@ -113,8 +113,8 @@ PLANS = {
 # version 2 (27 classes, 638 test drawings; chance 3.7%, so 3x chance is 11.1%), CLIP over 5 seeds:
 #   tiny-test, 1,500 x 128: 10.6 +- 1.98 (2.85x chance: misses the 3x bar by 0.5 points)
 #   tiny, 750 x 128:        11.4 +- 1.6  (3.07x chance, std <= 2: meets both, so it is the plan)
-# The plan's 10 runs take ~10 (CLIP) and ~12.5 (recipe) min each on one core, two at a time: ~50 min on
-# 2 cores. (Build version 1, 21 classes and 424 test drawings, gave tiny-test 15.1 +- 3.2: docs/reproduction.md.)
+# The plan's 10 runs took ~10 (CLIP) and ~12.5 (recipe) min each on one core, two at a time: 55.1 min of
+# wall time on 2 cores (the precompute, ~2 min, was already there). (Build version 1, 21 classes and 424 test drawings, gave tiny-test 15.1 +- 3.2: docs/reproduction.md.)
 # "quick" stays on tiny-test: it checks the pipeline, not the budget.
 REAL_PLANS = {"default": Plan(steps=750, batch=128, seeds=5, noises=(0.0,), control_seeds=3, model="tiny"),
               "quick": Plan(steps=250, batch=128, seeds=1, noises=(0.0,), control_seeds=1)}

@@ -2,7 +2,7 @@
 
     embedded      Fashion-MNIST + emoji with templated captions, class swaps as caption noise (the default;
                   data/embedded, in the repository)
-    openclipart   the Open Clip Art Library: ~6,700 drawings with their authors' own titles, descriptions
+    openclipart   the Open Clip Art Library: ~6,800 drawings with their authors' own titles, descriptions
                   and keywords, zero-shot over 27 category folders (`python -m data.openclipart`, from
                   Debian's openclipart-svg). No noise is added: the captions are as written, and how noisy
                   they are is the question.
