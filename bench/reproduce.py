@@ -5,7 +5,7 @@
     python bench/reproduce.py --clip-only  # only CLIP's runs: its seed-to-seed std, which sizes the budget
     python bench/reproduce.py --control    # also the positive control (6 runs: 3 seeds x 2 noises)
     python bench/reproduce.py --ablation   # also the validation ablation (12 runs at the plan's budget)
-    python bench/reproduce.py --screen     # also the 20% screen of the recipe's neighbours (6 runs at seed 0)
+    python bench/reproduce.py --screen     # also the 20% screen of the recipe's neighbours (7 runs at seed 0)
     python bench/reproduce.py --compare SLUG   # also a screened setting vs CLIP over seeds (test splits)
     python bench/reproduce.py --noise 0.2  # only one noise level of the plan (a sweep split into parts)
     python bench/reproduce.py --online     # also the online zero-setup setting over every noise x seed

@@ -20,8 +20,9 @@ computed again replace the old ones, and fine.json keeps the entries of the rest
 
 Resumable: an output shard is written under a temporary name and renamed when complete, so an
 existing output shard is finished and is never rewritten; rerun the same command after an
-interruption. Changing the extractor for an output folder that already holds shards is an error
-(its features would mix). Shards are processed in parallel by `--workers` processes.
+interruption. A worker process that dies (killed, out of memory) stops the run at once with exit
+status 1 and keeps the finished shards. Changing the extractor for an output folder that already
+holds shards is an error (its features would mix). Shards are processed in parallel by `--workers` processes.
 """
 
 from __future__ import annotations
@@ -29,15 +30,14 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import multiprocessing
 import os
-import queue as queue_lib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 from data.decode import SampleError, decode_image, decode_text
 from data.fine import META_FILE
+from data.process_pool import WorkerDied, run_in_processes
 from data.shards import ShardSet
 from data.tario import SkipLog, TarStreamWriter, iter_tar_groups
 from data.write_shards import encode_member, update_sizes_json
@@ -190,23 +190,17 @@ def decoded(group: dict, needs_image: bool) -> dict:
 _WORKER: dict = {}
 
 
-def _init_worker(settings: Settings, out_dir: Path, threads: int, progress_queue) -> None:
-    _WORKER.update(settings=settings, out_dir=out_dir, queue=progress_queue)
-    try:
-        if settings.text_encoder or settings.image_model or settings.image_encoder:  # the detector importer needs no torch
-            import torch
-            torch.set_num_threads(threads)
-        _WORKER["sources"] = settings.build()
-    except Exception as exc:  # raised from the first task instead: a Pool respawns failed initialisers forever
-        _WORKER["error"] = exc
+def _init_worker(settings: Settings, out_dir: Path, threads: int, progress: Callable[[int], None]) -> None:
+    if settings.text_encoder or settings.image_model or settings.image_encoder:  # the detector importer needs no torch
+        import torch
+        torch.set_num_threads(threads)
+    _WORKER.update(settings=settings, out_dir=out_dir, progress=progress, sources=settings.build())
 
 
 def _run_in_worker(shard: str) -> dict:
     w = _WORKER
-    if "error" in w:
-        raise w["error"]
     try:
-        return process_shard(shard, w["out_dir"], w["sources"], w["settings"].batch_size, w["queue"].put)
+        return process_shard(shard, w["out_dir"], w["sources"], w["settings"].batch_size, w["progress"])
     except UnreadableShard as exc:
         return dict(name=os.path.basename(shard), error=str(exc))
 
@@ -224,27 +218,15 @@ def _run_all(todo: list[str], settings: Settings, out_dir: Path, workers: int, t
             except UnreadableShard as exc:
                 results.append(dict(name=os.path.basename(shard), error=str(exc)))
         return results
-    # spawn, not fork: the caller may hold native threads (torch, a trainer) that fork would copy mid-lock.
-    ctx = multiprocessing.get_context("spawn")
-    progress_queue = ctx.Queue()
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
-    with ctx.Pool(min(workers, len(todo)), _init_worker, (settings, out_dir, threads, progress_queue)) as pool:
-        pending = [pool.apply_async(_run_in_worker, (shard,)) for shard in todo]
-        results = []
-        while pending:
-            try:
-                bar.update(progress_queue.get(timeout=0.2))
-            except queue_lib.Empty:
-                pass
-            for job in [j for j in pending if j.ready()]:
-                pending.remove(job)
-                results.append(job.get())  # re-raises an extractor's exception here
-        while True:
-            try:
-                bar.update(progress_queue.get(timeout=0.05))
-            except queue_lib.Empty:
-                break
-    return results
+    try:
+        return run_in_processes(_run_in_worker, todo, workers, _init_worker, (settings, out_dir, threads),
+                                bar.update)
+    except WorkerDied as exc:
+        lost = ", ".join(os.path.basename(s) for s in exc.unfinished)
+        raise WorkerDied(f"{exc}: shards {lost} are not written; the shards finished before it are kept in "
+                         f"{out_dir}. Rerun the same command to continue (with fewer --workers or a smaller "
+                         "--batch-size if memory ran out).", exc.unfinished) from None
 
 
 def count_samples(path: str) -> int:
@@ -365,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
     try:
         summary = precompute(args.data, args.out, settings, args.workers, threads)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
+    except (ValueError, FileNotFoundError, ImportError, WorkerDied) as exc:
         raise SystemExit(f"error: {exc}")
     print(f"{len(summary['written'])} shards written, {len(summary['already_done'])} already done, in {args.out}")
     print("counts: " + json.dumps(summary["counts"]))

@@ -310,3 +310,47 @@ def test_timm_image_source_with_local_safetensors(text_set, tmp_path):
         precompute(text_set["pattern"], tmp_path / "wrong", Settings(
             text_encoder=None, image_model="vit_tiny_patch16_224", image_weights=str(wrong), image_model_args=args),
             workers=1, progress=False)
+
+
+def test_a_killed_worker_stops_the_precompute_at_once_and_a_rerun_finishes(text_set, tmp_path):
+    """A worker killed mid-shard (as the out-of-memory killer does) ends the run with exit status 1 and
+    a message, at once, keeping the shard that finished; with multiprocessing.Pool it waited forever.
+    One detector file is a FIFO, so its worker blocks on it until killed: the test needs no timing."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    keys = sorted(members(text_set["out"], "fine_txt.npy"))
+    det, out = tmp_path / "det", tmp_path / "out"
+    det.mkdir()
+    for key in keys:
+        np.savez(det / f"{key}.npz", features=np.ones((2, 8), np.float32), boxes=np.zeros((2, 4)))
+    stuck = det / f"{keys[1]}.npz"  # in shard 00000; not the first file, which the importer opens at start
+    stuck.unlink()
+    os.mkfifo(stuck)
+    cmd = [sys.executable, "-m", "data.precompute_fine", "--data", text_set["pattern"], "--out", str(out),
+           "--text-encoder", "none", "--detector-features", str(det), "--workers", "2"]
+    run = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "00001.tar").exists():  # the other worker finished its shard and left
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+            time.sleep(0.1)
+        children = (open(f"/proc/{run.pid}/task/{run.pid}/children").read().split())
+        workers = [int(c) for c in children if "spawn_main" in open(f"/proc/{c}/cmdline").read()]
+        assert workers  # here only the one blocked on the FIFO is left
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        _, err = run.communicate(timeout=60)
+    finally:
+        run.kill()
+    assert run.returncode == 1
+    assert "worker process died (exit code -9" in err and "shards 00000.tar are not written" in err
+    assert "Rerun the same command" in err and (out / "00001.tar").is_file() and not (out / "00000.tar").exists()
+    kept = (out / "00001.tar").stat().st_mtime_ns
+    stuck.unlink()
+    np.savez(stuck, features=np.ones((2, 8), np.float32), boxes=np.zeros((2, 4)))
+    summary = precompute(text_set["pattern"], out, Settings(text_encoder=None, detector_features=str(det)),
+                         workers=2, progress=False)
+    assert summary["written"] == ["00000.tar"] and summary["already_done"] == ["00001.tar"]
+    assert (out / "00001.tar").stat().st_mtime_ns == kept and summary["counts"] == {"samples": 10}

@@ -1,0 +1,110 @@
+"""Run a function over items in spawned worker processes, and never wait on a worker that has died.
+
+multiprocessing.Pool replaces a worker that dies without answering (killed, out of memory) and
+the lost item's result never comes, so the caller waits forever; concurrent.futures notices the
+death but cannot stop a worker that is still busy, so an error elsewhere waits for it to finish.
+Here a dead worker raises WorkerDied at once, naming the unfinished items, and any way out of
+`run_in_processes` (an error, a dead worker, Ctrl-C) terminates the workers that are still running.
+Used by data.precompute_fine, whose finished shards are kept for a rerun.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+import queue as queue_lib
+from typing import Callable, Sequence
+
+POLL_S = 0.2
+
+
+class WorkerDied(RuntimeError):
+    """A worker process ended without returning its item; `unfinished` lists the items not answered."""
+
+    def __init__(self, message: str, unfinished: list):
+        super().__init__(message)
+        self.unfinished = unfinished
+
+
+def _worker(init: Callable, init_args: tuple, work: Callable, tasks, done, progress) -> None:
+    try:
+        init(*init_args, progress.put)
+    except Exception as exc:  # reported on the first item, so the caller sees the real error
+        error = exc
+    else:
+        error = None
+    while (item := tasks.get()) is not None:
+        try:
+            if error is not None:
+                raise error
+            done.put((item, work(item), None))
+        except Exception as exc:
+            try:
+                pickle.dumps(exc)
+            except Exception:  # an exception the queue cannot carry would be lost: send its text
+                exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+            done.put((item, None, exc))
+
+
+def run_in_processes(work: Callable, items: Sequence, workers: int, init: Callable, init_args: tuple = (),
+                     on_progress: Callable = lambda n: None) -> list:
+    """[work(item) for item in items] in `workers` spawned processes, in completion order.
+
+    Each process first calls init(*init_args, put), where put(n) reports progress that reaches
+    on_progress(n) here. An exception raised by work is raised here; a worker that exits without
+    answering raises WorkerDied. Either way the remaining workers are terminated before it returns."""
+    # spawn, not fork: the caller may hold native threads (torch, a trainer) that fork would copy mid-lock.
+    ctx = multiprocessing.get_context("spawn")
+    tasks, done, progress = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    count = max(1, min(workers, len(items)))
+    for item in [*items, *[None] * count]:  # one None per worker: no more work
+        tasks.put(item)
+    procs = [ctx.Process(target=_worker, args=(init, init_args, work, tasks, done, progress), daemon=True)
+             for _ in range(count)]
+    for p in procs:
+        p.start()
+    results, answered = [], []
+    try:
+        while len(answered) < len(items):
+            _drain(progress, on_progress)
+            try:
+                item, result, exc = done.get(timeout=POLL_S)
+            except queue_lib.Empty:
+                # Every answer a worker sent before it died is in `done` by now or on its way; read
+                # the queue once more before deciding that an item is lost.
+                if any(p.exitcode not in (None, 0) for p in procs) or all(p.exitcode is not None for p in procs):
+                    try:
+                        item, result, exc = done.get(timeout=1.0)
+                    except queue_lib.Empty:
+                        codes = ", ".join(str(p.exitcode) for p in procs if p.exitcode not in (None, 0))
+                        unfinished = [i for i in items if i not in answered]
+                        raise WorkerDied(f"a worker process died (exit code {codes or 'none'}: killed, or out of "
+                                         f"memory?) with {len(unfinished)} of {len(items)} items unfinished",
+                                         unfinished) from None
+                else:
+                    continue
+            answered.append(item)
+            if exc is not None:
+                raise exc
+            results.append(result)
+        _drain(progress, on_progress)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():  # terminate is SIGTERM, which a stuck extension may ignore
+                p.kill()
+                p.join()
+        for q in (tasks, done, progress):
+            q.cancel_join_thread()  # never block exit on a queue a dead worker left half-read
+            q.close()
+    return results
+
+
+def _drain(progress, on_progress: Callable) -> None:
+    while True:
+        try:
+            on_progress(progress.get_nowait())
+        except queue_lib.Empty:
+            return
