@@ -103,7 +103,7 @@ def finished(run: Path) -> dict | None:
         results = json.loads((run / "results.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if results.get("final", {}).get("step") != results.get("steps"):
+    if "steps" not in results or results.get("final", {}).get("step") != results["steps"]:
         return None
     return results | {"_run": str(run)}
 
@@ -115,6 +115,23 @@ def done_with(run: Path, cmd: list[str]) -> dict | None:
     if done is not None and (not stamp.is_file() or stamp.read_text() == " ".join(cmd)):
         return done
     return None
+
+
+def refuse_to_replace_finished(jobs: list) -> None:
+    """Stop before anything starts if a finished run was made with another command: launch() would
+    delete it. A command names the interpreter, the tokenizer and the data by path, so the same sweep
+    from another checkout or virtual environment differs only there, and would throw hours of runs away."""
+    stale = [(run, cmd) for run, cmd in jobs if finished(run) is not None and done_with(run, cmd) is None]
+    if not stale:
+        return
+    run, cmd = stale[0]
+    old, new = (run.parent / (run.name + ".cmd")).read_text().split(" "), " ".join(cmd).split(" ")
+    at = next(i for i in range(max(len(old), len(new))) if old[i:i + 1] != new[i:i + 1])
+    there, here = (words[at] if at < len(words) else "(the end)" for words in (old, new))
+    raise SystemExit(f"{len(stale)} finished runs in {run.parent} were made with another command ({run.name}: "
+                     f"{there!r} there, {here!r} here), and a sweep never deletes a finished run. Run the sweep from "
+                     "the checkout and interpreter that made them, pass another --runs, or delete these run folders "
+                     f"to train them again: {', '.join(r.name for r, _ in stale)}.")
 
 
 def command(run: Path, setting: Setting, shards: Path, seed: int, plan: Plan, args) -> list[str]:
@@ -140,7 +157,7 @@ def cpu_slots(parallel: int, cuda: bool) -> list[set | None]:
 
 def launch(run: Path, cmd: list[str], cpus: set | None) -> subprocess.Popen:
     if run.exists():
-        shutil.rmtree(run)  # interrupted or made with other flags: start over (runs are short)
+        shutil.rmtree(run)  # interrupted (a finished one never gets here): start over, runs are short
     run.parent.mkdir(parents=True, exist_ok=True)
     (run.parent / (run.name + ".cmd")).write_text(" ".join(cmd))
     log = open(run.parent / (run.name + ".out"), "w")
@@ -160,6 +177,7 @@ def run_all(jobs: list, parallel: int, cuda: bool, progress) -> dict:
     """Train every (run, cmd) of `jobs` not yet finished with that command, `parallel` at a time, in
     order. Returns {run: results}. A failed run stops the sweep: the others are terminated (their
     partial run directories are restarted next time) and the finished ones are kept."""
+    refuse_to_replace_finished(jobs)
     results = {run: r for run, cmd in jobs if (r := done_with(run, cmd)) is not None}
     pending = [(run, cmd) for run, cmd in jobs if run not in results]
     free, running = cpu_slots(parallel, cuda), {}

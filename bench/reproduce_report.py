@@ -11,6 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # pretrain.report draws the curves over training
 
 import reproduce_sets as sets  # noqa: E402  (bench/ is on sys.path)
+from reproduce_features import PRETRAINED  # noqa: E402
 
 
 def metrics(results: dict, split: str) -> dict:
@@ -161,9 +162,11 @@ def write_report(out: Path, plan, args, clip, ablation_noise: float, ablation: d
             s_ii = "" if setting is clip or stats[0] is None else f"{statistics.mean(s[0] for s in stats):.2f}"
             h_s = "" if setting is clip or stats[0] is None else f"{statistics.mean(s[1] for s in stats):.2f}"
             category = mean_std([m["category"] for m in ms]) if all("category" in m for m in ms) else "-"
-            flag_text = " ".join(setting.argv()[2:]) or "--loss clip"
+            flag_text = f"`{' '.join(setting.argv()[2:]) or '--loss clip'}`"
+            if setting.features not in (None, PRETRAINED):  # same flags as another row: the features differ
+                flag_text += f" on {setting.features} features"
             r5 = mean_std([m["R@5"] for m in ms]) if all("R@5" in m for m in ms) else "-"
-            lines.append(f"| {setting.name} | `{flag_text}` | {mean_std([m['top1'] for m in ms])} | "
+            lines.append(f"| {setting.name} | {flag_text} | {mean_std([m['top1'] for m in ms])} | "
                          + (f"{category} | {r5} | " if emoji else "") + f"{delta} | {s_ii} | {h_s} |")
         lines += ["", "One seed: a screen for the next sweep, not evidence (CLIP's seed-to-seed std is in the tables "
                   "above). S_ii and H(S) are the last logged mean target mass on the positive and the target "

@@ -1,6 +1,7 @@
 """bench/reproduce.py's bookkeeping: run names, metrics, parallel pinned runs, resumability, the report."""
 import json
 import os
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -127,9 +128,16 @@ def test_report_has_every_comparison_with_its_interval(tmp_path):
     tables = [("CLIP vs SoftCLIP (x) — label-free", P.MOBILENET_B1, runs),
               ("CLIP vs SoftCLIP (y) — control", P.CONTROL_B1, runs)]
     args = SimpleNamespace(quick=False, report=True, model="tiny-test", lr=3e-3, deepspeed_config="x.json")
-    ablation = {"CLIP": [fake_results(0.5, 0.5)], P.ONLINE_B0.name: [fake_results(0.45, 0.5)]}
-    RR.write_report(tmp_path, plan, args, P.CLIP, 0.2, ablation, P.ABLATION, tables, 0.0, tmp_path)
+    ablation = {"CLIP": [fake_results(0.5, 0.5)], P.ONLINE_B0.name: [fake_results(0.45, 0.5)],
+                P.MOBILENET_B1.name: [fake_results(0.45, 0.5)], P.MOBILENET_224_B1.name: [fake_results(0.46, 0.5)]}
+    RR.write_report(tmp_path, plan, args, P.CLIP, 0.2, ablation, [*P.ABLATION, P.MOBILENET_224_B1], tables, 0.0,
+                    tmp_path)
     md = (tmp_path / "reproduce.md").read_text()
+    # two rows with the same flags say which features each trained on, where they are not the default build
+    flags = " ".join(P.MOBILENET_B1.argv()[2:])
+    assert P.MOBILENET_B1.argv() == P.MOBILENET_224_B1.argv()
+    assert f"| {P.MOBILENET_B1.name} | `{flags}` | 45.0 |" in md
+    assert f"| {P.MOBILENET_224_B1.name} | `{flags}` on {F.PRETRAINED_224} features | 46.0 |" in md
     assert md.count("| 40% | FMNIST top-1 | 21.0 ± 1.0 | 23.3 ± 1.5 | +2.3 ± 0.6 | [+0.9, +3.8] | 3 |") == 2
     assert md.count("| 40% | emoji-category top-1 | 30.0 ± 0.0 | 25.0 ± 0.0 | -5.0 ± 0.0 | [-5.0, -5.0] | 3 |") == 2
     assert f"| {P.ONLINE_B0.name} |" in md and "| -5.0 |" in md   # the ablation row, against CLIP's val top-1
@@ -149,23 +157,37 @@ def test_parallel_runs_are_pinned_to_disjoint_cores_and_resume(tmp_path):
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         pytest.skip("needs 2 CPU cores")
-    body = ("import json, os, sys, time; run = sys.argv[1]; start = time.time(); os.makedirs(run); time.sleep(1.5); "
+    # Each run waits (up to 60 s) for its partner, r0 with r1 and r2 with r3, to have started: pairs run
+    # side by side only if the sweep starts two at a time, whatever the machine's load (no sleeps to time).
+    body = ("import json, os, sys, time; run, partner = sys.argv[1:3]; os.makedirs(run); "
+            "open(run + '.started', 'w').close(); deadline = time.time() + 60\n"
+            "while not os.path.exists(partner + '.started') and time.time() < deadline: time.sleep(0.05)\n"
             "json.dump({'steps': 1, 'final': {'step': 1}, 'cpus': sorted(os.sched_getaffinity(0)), "
-            "'start': start, 'end': time.time()}, open(os.path.join(run, 'results.json'), 'w'))")
-    jobs = [(tmp_path / f"r{i}", fake_trainer(body) + [str(tmp_path / f"r{i}")]) for i in range(4)]
+            "'side_by_side': os.path.exists(partner + '.started')}, open(os.path.join(run, 'results.json'), 'w'))")
+    jobs = [(tmp_path / f"r{i}", fake_trainer(body) + [str(tmp_path / f"r{i}"), str(tmp_path / f"r{i ^ 1}")])
+            for i in range(4)]
     started = []
     results = R.run_all(jobs, 2, False, started.append)
     assert started == ["r0", "r1", "r2", "r3"] and set(results) == {run for run, _ in jobs}
     cpus = [results[run]["cpus"] for run, _ in jobs]
     assert all(len(c) == len(cores) // 2 for c in cpus) and not set(cpus[0]) & set(cpus[1])
-    first, second = results[jobs[0][0]], results[jobs[1][0]]
-    assert second["start"] < first["end"] and first["start"] < second["end"]  # side by side: their runs overlap
+    assert all(results[run]["side_by_side"] for run, _ in jobs)
     assert os.sched_getaffinity(0) == set(cores)                              # the sweep's own affinity restored
     started.clear()
     assert R.run_all(jobs, 2, False, started.append) == results and started == []   # finished: never re-run
-    changed = [(jobs[0][0], jobs[0][1] + ["--other-flag"])]
-    R.run_all(changed, 1, False, started.append)                                    # other command: re-run
+    # a finished run made with another command (from another checkout, say) is never deleted for this one
+    changed = [(jobs[0][0], jobs[0][1] + ["--other-flag"]), *jobs[1:]]
+    with pytest.raises(SystemExit, match=r"1 finished runs in .* were made with another command \(r0: '\(the end\)' "
+                                         r"there, '--other-flag' here\).* never deletes a finished run.*folders to "
+                                         r"train them again: r0\."):
+        R.run_all(changed, 1, False, started.append)
+    assert started == [] and R.finished(jobs[0][0]) == results[jobs[0][0]]
+    shutil.rmtree(jobs[0][0])                                                       # deleted by hand: re-run
+    R.run_all(changed, 1, False, started.append)
     assert started == ["r0"]
+    (jobs[0][0] / "results.json").write_text("{}")                                  # unfinished: restarted
+    R.run_all(jobs, 1, False, started.append)
+    assert started == ["r0", "r0"] and R.finished(jobs[0][0])
     with pytest.raises(SystemExit, match=r"--parallel 3 must lie in \[1, "):
         R.cpu_slots(len(cores) + 1, False)
 
