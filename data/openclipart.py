@@ -209,27 +209,31 @@ def build(source: str | Path | None = None, out: str | Path | None = None, seed:
         say(f"left out {len(problems)} files, e.g.:\n  " + "\n  ".join(problems[:5]))
     splits = split(pictures, seed)
     tmp = final.parent / f".{final.name}.build-{time.time_ns()}"
-    sizes = write_train(splits["train"], tmp / "train", size)
-    for name in ("val", "test"):
-        write_eval(splits[name], tmp / "eval" / f"wds_openclipart-{name}")
-    # One thread: the vocabulary must not change from one build to the next (models take its size).
-    tok = train_tokenizer([p["caption"] for p in splits["train"]], tmp / "tokenizer", vocab_size=vocab_size,
-                          num_threads=1)
-    names = list(CLASSES)
-    per_class = {split_name: {n: sum(p["label"] == i for p in splits[split_name]) for i, n in enumerate(names)}
-                 for split_name in ("val", "test")}
-    manifest = dict(
-        version=VERSION, seed=seed, size=size, source=str(root), renderer=subprocess.run(
-            [_rsvg(), "--version"], capture_output=True, text=True).stdout.strip(),
-        train_pattern=f"train/{{00000..{len(sizes) - 1:05d}}}.tar", vocab_size=tok.vocab_size,
-        counts=dict(svg_files=n_files, pictures=len(pictures),
-                    left_out=len(problems), train=len(splits["train"]), val=len(splits["val"]),
-                    test=len(splits["test"])),
-        classes=names, templates=list(TEMPLATES), per_class=per_class,
-        caption_rule="data/openclipart_meta.py: title. description. keywords (cleaned of upload artefacts)",
-        build_seconds=round(time.time() - t0, 1))
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    (tmp / "LICENSE.md").write_text(LICENSE_TEXT)
+    try:
+        sizes = write_train(splits["train"], tmp / "train", size)
+        for name in ("val", "test"):
+            write_eval(splits[name], tmp / "eval" / f"wds_openclipart-{name}")
+        # One thread: the vocabulary must not change from one build to the next (models take its size).
+        tok = train_tokenizer([p["caption"] for p in splits["train"]], tmp / "tokenizer", vocab_size=vocab_size,
+                              num_threads=1)
+        names = list(CLASSES)
+        per_class = {split_name: {n: sum(p["label"] == i for p in splits[split_name]) for i, n in enumerate(names)}
+                     for split_name in ("val", "test")}
+        manifest = dict(
+            version=VERSION, seed=seed, size=size, source=str(root), renderer=subprocess.run(
+                [_rsvg(), "--version"], capture_output=True, text=True).stdout.strip(),
+            train_pattern=f"train/{{00000..{len(sizes) - 1:05d}}}.tar", vocab_size=tok.vocab_size,
+            counts=dict(svg_files=n_files, pictures=len(pictures),
+                        left_out=len(problems), train=len(splits["train"]), val=len(splits["val"]),
+                        test=len(splits["test"])),
+            classes=names, templates=list(TEMPLATES), per_class=per_class,
+            caption_rule="data/openclipart_meta.py: title. description. keywords (cleaned of upload artefacts)",
+            build_seconds=round(time.time() - t0, 1))
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        (tmp / "LICENSE.md").write_text(LICENSE_TEXT)
+    except BaseException:  # a failed or interrupted build leaves nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -45,3 +45,19 @@ def test_identical_build_is_not_redone(tmp_path):
     r = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
     assert "an identical build exists; nothing to do" in r.stdout
     assert os.readlink(tmp_path / "shards") == target
+
+
+def test_a_failed_build_leaves_no_folder_and_keeps_the_published_one(tmp_path, monkeypatch):
+    import pytest
+    import data.embedded.build as B
+    out, tok = tmp_path / "shards", tmp_path / "tok"
+    build(out, seed=0, tokenizer_out=tok, progress=False)
+    published = os.readlink(out)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(B, "build_tokenizer", broken)  # fails after the shards are written
+    with pytest.raises(OSError, match="disk full"):
+        build(out, seed=1, tokenizer_out=tok, progress=False)
+    assert glob.glob(str(tmp_path / ".shards.build-*")) == [str(tmp_path / published)]
+    assert os.readlink(out) == published and os.path.isfile(out / "manifest.json")

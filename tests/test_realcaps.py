@@ -194,3 +194,17 @@ def test_build_is_deterministic_and_reused(built, tmp_path):
     first = read_tar(out / "eval/wds_openclipart-test/test/0.tar")
     assert {g["json"] for g in read_tar(tmp_path / "seed1/eval/wds_openclipart-test/test/0.tar").values()} != \
         {g["json"] for g in first.values()} and other["counts"] == manifest["counts"]
+
+
+@needs_rsvg
+def test_a_failed_build_leaves_no_folder_behind(tmp_path, monkeypatch):
+    import data.tokenizer
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(data.tokenizer, "train_tokenizer", broken)  # fails after the shards are written
+    root = tmp_path / "svg"
+    fake_tree(root)
+    with pytest.raises(OSError, match="disk full"):
+        O.build(root, tmp_path / "cache" / "openclipart", seed=0, size=32, workers=1, progress=False, vocab_size=40)
+    assert list((tmp_path / "cache").iterdir()) == []

@@ -176,17 +176,21 @@ def build(out: str | Path = DEFAULT_OUT, caption_noise: float = 0.0, seed: int =
     jobs = {"train": (samples, TRAIN_SHARDS)}
     jobs.update({name: (items, math.ceil(len(items) / 1000)) for name, items in eval_sets(*arrays).items()})
     out.mkdir(parents=True, exist_ok=True)
-    sets = write_sets(out, jobs)
-    for name, info in sets.items():
-        say(f"{name}: {info['samples']} samples in {info['shards']} shards ({info['pattern']})")
-    tok = build_tokenizer(*arrays, tokenizer_out)
-    say(f"tokenizer: {tok.vocab_size} pieces in {tokenizer_out}")
-    manifest = dict(
-        version=MANIFEST_VERSION, caption_noise=caption_noise, seed=seed, emoji_repeats=emoji_repeats,
-        noisy=dict(fashion=sum(s["json"]["noisy"] for s in samples if s["json"]["source"] == "fashion-mnist"),
-                   emoji=sum(s["json"]["noisy"] for s in samples if s["json"]["source"] == "emoji")),
-        sets=sets, tokenizer=str(tokenizer_out.resolve()), vocab_size=tok.vocab_size)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    try:
+        sets = write_sets(out, jobs)
+        for name, info in sets.items():
+            say(f"{name}: {info['samples']} samples in {info['shards']} shards ({info['pattern']})")
+        tok = build_tokenizer(*arrays, tokenizer_out)
+        say(f"tokenizer: {tok.vocab_size} pieces in {tokenizer_out}")
+        manifest = dict(
+            version=MANIFEST_VERSION, caption_noise=caption_noise, seed=seed, emoji_repeats=emoji_repeats,
+            noisy=dict(fashion=sum(s["json"]["noisy"] for s in samples if s["json"]["source"] == "fashion-mnist"),
+                       emoji=sum(s["json"]["noisy"] for s in samples if s["json"]["source"] == "emoji")),
+            sets=sets, tokenizer=str(tokenizer_out.resolve()), vocab_size=tok.vocab_size)
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    except BaseException:  # a failed or interrupted build leaves no folder behind (nothing points at it)
+        shutil.rmtree(out, ignore_errors=True)
+        raise
     _publish(out, final)
     return manifest
 
