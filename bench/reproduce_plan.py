@@ -107,8 +107,8 @@ PLANS = {
     # on 2 cores (47.4 + 60.3 min measured), and a MobileNetV2 + MiniLM precompute per noise (~6 min):
     # ~114 min. --control adds 6 runs (34.7 min measured) and a true-class build per noise (~0.5 min).
     # 0% noise is not in the default plan: issue 15 asks about 20% and 40% noise. Re-run at 20% after the data
-    # order changed (issue 24), CLIP's std there was 2.3, and at 40% 4.1: both over the 2-point bar that chose
-    # this budget (docs/reproduction.md); more seeds or steps are the next measurement, not yet made.
+    # order changed (issue 24), CLIP's std there was 2.3, and at 40% 4.1 (3.3 over 10 seeds, `--noise 0.4
+    # --seeds 10`): over the 2-point bar that chose this budget (docs/reproduction.md). More steps: not tried.
     "default": Plan(steps=1500, batch=128, seeds=5, noises=(0.2, 0.4), control_seeds=3),
     # 1 seed at 40% noise, 250 steps: a check that the whole pipeline works and of the sign of the effect.
     "quick": Plan(steps=250, batch=128, seeds=1, noises=(0.4,), control_seeds=1),
