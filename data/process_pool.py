@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import pickle
 import queue as queue_lib
+import time
 from typing import Callable, Sequence
 
 POLL_S = 0.2
@@ -86,6 +87,14 @@ def run_in_processes(work: Callable, items: Sequence, workers: int, init: Callab
             if exc is not None:
                 raise exc
             results.append(result)
+        # A worker's progress and its answer travel on two queues, so the last progress reports may come
+        # after the last answer: read them until the workers (told to stop) have exited, which flushes them.
+        deadline = time.monotonic() + 30
+        while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+            try:
+                on_progress(progress.get(timeout=POLL_S))
+            except queue_lib.Empty:
+                pass
         _drain(progress, on_progress)
     finally:
         for p in procs:
