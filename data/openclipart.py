@@ -32,7 +32,6 @@ import hashlib
 import io
 import json
 import math
-import multiprocessing
 import os
 import random
 import shutil
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Sequence
 
 from data.openclipart_meta import CLASSES, INSTALL_HINT, TEMPLATES, class_of, find_root, read_metadata
+from data.process_pool import run_in_processes
 from data.write_shards import ShardWriter
 
 VERSION = 2            # bump when the output changes for the same input and settings
@@ -114,9 +114,7 @@ def collect(root: Path, size: int, workers: int) -> tuple[list[dict], list[str],
     paths_of = {paths[0]: paths for paths in by_file_hash.values()}
     rsvg = _rsvg()
     jobs = [(rsvg, str(root / rel), size) for rel in firsts]
-    # spawn, not fork: the caller may be a process with native threads (torch), which a fork copies mid-lock
-    with multiprocessing.get_context("spawn").Pool(max(1, workers)) as pool:
-        rendered = pool.map(render, jobs, chunksize=32)
+    rendered = run_in_processes(render, jobs, max(1, workers))  # in order; a dead worker ends it, never hangs
     pictures: dict[str, dict] = {}
     problems = []
     for rel, (_, png, error) in zip(firsts, rendered):

@@ -26,67 +26,68 @@ class WorkerDied(RuntimeError):
         self.unfinished = unfinished
 
 
-def _worker(init: Callable, init_args: tuple, work: Callable, tasks, done, progress) -> None:
+def _worker(init: Callable | None, init_args: tuple, work: Callable, tasks, done, progress) -> None:
     try:
-        init(*init_args, progress.put)
+        if init is not None:
+            init(*init_args, progress.put)
     except Exception as exc:  # reported on the first item, so the caller sees the real error
         error = exc
     else:
         error = None
-    while (item := tasks.get()) is not None:
+    while (task := tasks.get()) is not None:
+        index, item = task
         try:
             if error is not None:
                 raise error
-            done.put((item, work(item), None))
+            done.put((index, work(item), None))
         except Exception as exc:
             try:
                 pickle.dumps(exc)
             except Exception:  # an exception the queue cannot carry would be lost: send its text
                 exc = RuntimeError(f"{type(exc).__name__}: {exc}")
-            done.put((item, None, exc))
+            done.put((index, None, exc))
 
 
-def run_in_processes(work: Callable, items: Sequence, workers: int, init: Callable, init_args: tuple = (),
-                     on_progress: Callable = lambda n: None) -> list:
-    """[work(item) for item in items] in `workers` spawned processes, in completion order.
+def run_in_processes(work: Callable, items: Sequence, workers: int, init: Callable | None = None,
+                     init_args: tuple = (), on_progress: Callable = lambda n: None) -> list:
+    """[work(item) for item in items], computed in `workers` spawned processes, in the items' order.
 
-    Each process first calls init(*init_args, put), where put(n) reports progress that reaches
+    Each process first calls init(*init_args, put) if given, where put(n) reports progress that reaches
     on_progress(n) here. An exception raised by work is raised here; a worker that exits without
     answering raises WorkerDied. Either way the remaining workers are terminated before it returns."""
     # spawn, not fork: the caller may hold native threads (torch, a trainer) that fork would copy mid-lock.
     ctx = multiprocessing.get_context("spawn")
     tasks, done, progress = ctx.Queue(), ctx.Queue(), ctx.Queue()
     count = max(1, min(workers, len(items)))
-    for item in [*items, *[None] * count]:  # one None per worker: no more work
-        tasks.put(item)
+    for task in [*enumerate(items), *[None] * count]:  # one None per worker: no more work
+        tasks.put(task)
     procs = [ctx.Process(target=_worker, args=(init, init_args, work, tasks, done, progress), daemon=True)
              for _ in range(count)]
     for p in procs:
         p.start()
-    results, answered = [], []
+    results: dict[int, object] = {}
     try:
-        while len(answered) < len(items):
+        while len(results) < len(items):
             _drain(progress, on_progress)
             try:
-                item, result, exc = done.get(timeout=POLL_S)
+                index, result, exc = done.get(timeout=POLL_S)
             except queue_lib.Empty:
                 # Every answer a worker sent before it died is in `done` by now or on its way; read
                 # the queue once more before deciding that an item is lost.
                 if any(p.exitcode not in (None, 0) for p in procs) or all(p.exitcode is not None for p in procs):
                     try:
-                        item, result, exc = done.get(timeout=1.0)
+                        index, result, exc = done.get(timeout=1.0)
                     except queue_lib.Empty:
                         codes = ", ".join(str(p.exitcode) for p in procs if p.exitcode not in (None, 0))
-                        unfinished = [i for i in items if i not in answered]
+                        unfinished = [item for i, item in enumerate(items) if i not in results]
                         raise WorkerDied(f"a worker process died (exit code {codes or 'none'}: killed, or out of "
                                          f"memory?) with {len(unfinished)} of {len(items)} items unfinished",
                                          unfinished) from None
                 else:
                     continue
-            answered.append(item)
             if exc is not None:
                 raise exc
-            results.append(result)
+            results[index] = result
         # A worker's progress and its answer travel on two queues, so the last progress reports may come
         # after the last answer: read them until the workers (told to stop) have exited, which flushes them.
         deadline = time.monotonic() + 30
@@ -108,7 +109,7 @@ def run_in_processes(work: Callable, items: Sequence, workers: int, init: Callab
         for q in (tasks, done, progress):
             q.cancel_join_thread()  # never block exit on a queue a dead worker left half-read
             q.close()
-    return results
+    return [results[i] for i in range(len(items))]
 
 
 def _drain(progress, on_progress: Callable) -> None:

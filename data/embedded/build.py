@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
 import random
 import shutil
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from data.embedded import captions as C
+from data.process_pool import run_in_processes
 from data.tokenizer import Tokenizer, train_tokenizer
 from data.write_shards import ShardWriter, update_sizes_json
 
@@ -127,8 +127,7 @@ def write_sets(out: Path, sets: dict[str, tuple[list[dict], int]]) -> dict[str, 
         pattern = f"{name}-00000.tar" if num_shards == 1 else f"{name}-{{00000..{last}}}.tar"
         summary[name] = dict(pattern=pattern, samples=len(samples), shards=num_shards)
     processes = min(len(jobs), os.cpu_count() or 1)
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        results = pool.map(_write_shard, jobs, chunksize=1)
+    results = run_in_processes(_write_shard, jobs, processes)  # a worker that dies ends the build, never hangs it
     sizes = {name: n for result in results for name, n in result.items()}
     update_sizes_json(out, sizes)
     return summary
