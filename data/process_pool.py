@@ -5,7 +5,8 @@ the lost item's result never comes, so the caller waits forever; concurrent.futu
 death but cannot stop a worker that is still busy, so an error elsewhere waits for it to finish.
 Here a dead worker raises WorkerDied at once, naming the unfinished items, and any way out of
 `run_in_processes` (an error, a dead worker, Ctrl-C) terminates the workers that are still running.
-Used by data.precompute_fine, whose finished shards are kept for a rerun.
+Used by data.precompute_fine (whose finished shards are kept for a rerun) and by the embedded-set
+and Open Clip Art builders.
 """
 from __future__ import annotations
 
