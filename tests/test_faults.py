@@ -18,7 +18,6 @@ import threading
 import time
 from io import BytesIO
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
