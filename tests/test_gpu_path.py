@@ -254,7 +254,7 @@ def _load(world1: Path, check: str) -> dict:
 def test_every_collective_runs_at_world_size_1_on_the_engine_device(world1):
     r = _load(world1, "collectives")
     callers = {(c["caller"], c["name"]) for c in r["calls"]}
-    for want in (("_sum_over_ranks", "all_reduce"), ("lockstep", "all_reduce"),
+    for want in (("sum_over_ranks", "all_reduce"), ("lockstep", "all_reduce"),
                  ("all_gather_no_grad", "all_gather_single"), ("all_gather_with_grad", "all_gather_single_autograd"),
                  ("gather_cat", "all_gather_object")):
         assert want in callers, (want, sorted(callers))

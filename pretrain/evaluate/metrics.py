@@ -63,7 +63,7 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequen
 
 # ----------------------------------------------------------------------------------- lockstep
 # Every rank with a process group runs these collectives, a one-rank job too: a one-GPU run must
-# execute each collective of a multi-GPU run (pretrain/train/engine.py `_sum_over_ranks` says why).
+# execute each collective of a multi-GPU run (pretrain/runtime/collectives.py `sum_over_ranks` says why).
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 

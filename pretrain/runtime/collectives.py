@@ -36,9 +36,8 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-# The leading underscore is kept from its first home in the engine: tests/test_gpu_path.py records the
-# collectives of a step by their caller's name, and this is the name it looks for.
-def _sum_over_ranks(device: torch.device, *values: float) -> list[float]:
+# tests/test_gpu_path.py records the collectives of a step by their caller's name: it looks for this one.
+def sum_over_ranks(device: torch.device, *values: float) -> list[float]:
     """One small all-reduce (SUM) for the per-step flags and counters every rank must agree on.
 
     The tensor lives on the engine's device. On GPUs the process group is NCCL only (device map

@@ -116,7 +116,7 @@ def _global_loss_grads(engine, data, cfg, state):
     """Cache A micro-batches, score their rows against all N columns, and return (batches, their RNG
     states, dL/d(cached embeddings) per micro-batch and dL/ds / A, the logged terms averaged over ranks).
     A non-finite global loss on any rank drops the A micro-batches everywhere and takes the next A."""
-    from pretrain.runtime.collectives import _sum_over_ranks
+    from pretrain.runtime.collectives import sum_over_ranks
     from pretrain.train.nonfinite import NonFiniteLoss, _inject_nan
     device, accum, tries = engine.device, cfg.grad_accum, 0
     while True:
@@ -137,7 +137,7 @@ def _global_loss_grads(engine, data, cfg, state):
         # one all-reduce: the drop decision, skipped samples, and the terms summed over ranks, so that
         # the logged terms are the means over all N rows (not rank 0's share)
         names = list(terms)
-        n_bad, skipped, *totals = _sum_over_ranks(device, float(not torch.isfinite(loss)),
+        n_bad, skipped, *totals = sum_over_ranks(device, float(not torch.isfinite(loss)),
                                                   float(sum(b["skipped"] for b in batches)),
                                                   *(float(terms[k].detach().float().mean()) for k in names))
         state.skipped_samples += int(skipped)

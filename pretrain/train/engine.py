@@ -19,7 +19,7 @@ from torch import nn
 from data.fine import FINE_MEMBER
 from losses import ClipLoss, SoftCLIPLoss
 from pretrain.observe.telemetry import Telemetry
-from pretrain.runtime.collectives import _sum_over_ranks
+from pretrain.runtime.collectives import sum_over_ranks
 from pretrain.settings import schedule
 from pretrain.settings.config import TrainConfig
 from pretrain.train import accumulate
@@ -197,7 +197,7 @@ def train(engine, data, cfg: TrainConfig, state: TrainState, log, stop, on_step_
             if _inject_nan(cfg.debug_nan, state.step + 1, bad_grad_run, kind="g"):
                 loss = poison_gradient(loss)
             # one rank's NaN makes every rank drop the batch; skipped samples summed over ranks
-            n_bad, skipped = _sum_over_ranks(device, float(not torch.isfinite(loss)), float(batch["skipped"]))
+            n_bad, skipped = sum_over_ranks(device, float(not torch.isfinite(loss)), float(batch["skipped"]))
             state.skipped_samples += int(skipped)
             if n_bad > 0:
                 state.nonfinite_total += 1
@@ -238,7 +238,7 @@ def train(engine, data, cfg: TrainConfig, state: TrainState, log, stop, on_step_
                 # The plain loop's terms are means over this rank's rows only: one all-reduce (every
                 # rank logs on the same steps, a one-rank job too) makes them the means over all N rows,
                 # as accumulate.step's already are. The other steps' terms are never looked at.
-                sums = dict(zip(sums, (total / world for total in _sum_over_ranks(device, *sums.values()))))
+                sums = dict(zip(sums, (total / world for total in sum_over_ranks(device, *sums.values()))))
             grad_norm = engine.get_global_grad_norm()
             record = dict(sums, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
                           samples_seen=state.samples_seen, skipped_samples=state.skipped_samples,
@@ -249,6 +249,6 @@ def train(engine, data, cfg: TrainConfig, state: TrainState, log, stop, on_step_
         with telemetry.excluded():  # evaluation and checkpoints are not training throughput
             on_step_end(state.step)
         # a signal on any rank stops every rank after the same step (MAX over ranks)
-        if _sum_over_ranks(device, float(bool(stop)))[0] > 0:
+        if sum_over_ranks(device, float(bool(stop)))[0] > 0:
             return "stopped"
     return "done"
