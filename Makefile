@@ -19,7 +19,8 @@ endef
 
 # The venv takes about 7 GB (torch's CUDA build alone 5.5 GB). Without that much free space pip fails
 # part-way, and not always with "No space left on device": with the disk full here, one install failed as
-# "Connection interrupted while downloading" instead. So the space is checked first and a shortage named.
+# "Connection interrupted while downloading" instead. So before a new venv is built the space is checked
+# and a shortage named (an existing venv being updated is not held to it).
 export CHECK_DISK
 define CHECK_DISK
 import shutil, sys
@@ -33,7 +34,7 @@ NEEDED_GB ?= 8
 # Idempotent: rebuilt only when a requirements file changes.
 setup: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt
-	@$(PYTHON) -c "$$CHECK_DISK"
+	@test -x $(PY) || $(PYTHON) -c "$$CHECK_DISK"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(call pip_install,--upgrade pip)
 	$(call pip_install,--resume-retries 10 -r requirements-dev.txt)
