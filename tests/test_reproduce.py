@@ -146,6 +146,25 @@ def test_report_has_every_comparison_with_its_interval(tmp_path):
     assert (tmp_path / "reproduce.png").is_file()
 
 
+def test_a_table_over_fewer_seeds_shows_the_headline_over_those_seeds(tmp_path):
+    from types import SimpleNamespace
+    clip = {s: fake_results(0.5, 0.20 + 0.01 * s) for s in range(5)}
+    recipe = {s: fake_results(0.5, 0.20 + 0.01 * s + (0.04 if s < 3 else -0.06)) for s in range(5)}  # +4 x3, -6 x2
+    control = {s: fake_results(0.5, 0.30 + 0.01 * s) for s in range(3)}
+    tables = [("CLIP vs SoftCLIP (x) — label-free", P.MOBILENET_B1, {("clip", 0.4): clip, ("softclip", 0.4): recipe}),
+              ("CLIP vs SoftCLIP (y) — control", P.CONTROL_B1,
+               {("clip", 0.4): {s: clip[s] for s in range(3)}, ("softclip", 0.4): control})]
+    args = SimpleNamespace(quick=False, report=True, model="tiny-test", lr=3e-3, deepspeed_config="x.json")
+    RR.write_report(tmp_path, P.PLANS["default"], args, P.CLIP, 0.2, {}, [], tables, 0.0, tmp_path)
+    md = (tmp_path / "reproduce.md").read_text()
+    assert "| 40% | FMNIST top-1 | 22.0 ± 1.6 | 22.0 ± 4.2 | +0.0 ± 5.5 | [-6.8, +6.8] | 5 |" in md  # all 5 seeds
+    assert "| 40% | FMNIST top-1 | 21.0 ± 1.0 | 31.0 ± 1.0 | +10.0 ± 0.0 | [+10.0, +10.0] | 3 |" in md
+    same = md.split("## CLIP vs SoftCLIP (y)")[1]
+    assert f"The headline ({P.MOBILENET_B1.name}) at the same seeds as this table:" in same
+    assert "| 40% | FMNIST top-1 | +4.0 ± 0.0 | [+4.0, +4.0] | 0, 1, 2 |" in same
+    assert md.count("at the same seeds") == 1   # not under the headline's own table
+
+
 def fake_trainer(body: str) -> list[str]:
     """A stand-in for pretrain/main.py in run_all's tests: the same contract (a run directory with
     results.json holding the final evaluation), any behaviour."""
