@@ -41,8 +41,11 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt
 	$(call pip_install,--resume-retries 10 --no-deps -r requirements-nodeps.txt)
 	touch $(STAMP)
 
+# A test is rerun once, and only when a rank it started died of a native crash (faulthandler's line): the
+# rare gloo crash of docs/training.md ("Known fault"). tests/conftest.py prints every such crash at the end.
+NATIVE_CRASH = Fatal Python error: (Segmentation fault|Aborted|Bus error|Floating point exception|Illegal instruction)
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -raR tests --reruns 1 --only-rerun '$(NATIVE_CRASH)'
 
 # Builds the embedded data, trains a small model with SoftCLIP on 2 ranks through the deepspeed launcher
 # (CPU ranks with gloo when there is no GPU), evaluates, exports to transformers, classifies an image

@@ -224,3 +224,52 @@ def test_an_exception_escaping_the_worker_loop_does_not_hang_the_process(tmp_pat
         pytest.fail("the process hung after its DataLoader worker raised")
     assert r.returncode == 1 and "DataError: rank 0 worker 0: 5 of 69 samples failed" in r.stderr, r.stderr[-2000:]
     assert time.monotonic() - t0 < EXIT_BOUND_S, r.stderr[-2000:]
+
+
+CRASHING_RANK = """
+import ctypes, faulthandler, threading, time
+import numpy  # an extension module: faulthandler lists those after the stacks
+faulthandler.enable(all_threads=True)  # as pretrain/main.py does
+print("step 1", flush=True)
+threading.Thread(target=time.sleep, args=(60,), name="watcher", daemon=True).start()
+def forward():
+    ctypes.string_at(0)  # a native crash in the main thread
+forward()
+"""
+
+
+def test_a_native_crash_shows_the_crashed_stack_at_the_end_of_the_output(tmp_path, monkeypatch):
+    """A segfault's report ends the output the tests print (their last ~3,000 characters): a CI failure
+    once showed only the middle of the main thread's stack, under 2,000 characters of module names. The
+    report is also kept in the run's crash log, which tests/conftest.py prints at the end."""
+    from tests.conftest import CRASH_LOG_ENV
+    from tests.test_train_support import wait
+    monkeypatch.setenv(CRASH_LOG_ENV, str(tmp_path / "crashes.txt"))  # not the session's log: this crash is wanted
+    crashed = subprocess.Popen([sys.executable, "-c", CRASHING_RANK], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    fine = subprocess.Popen([sys.executable, "-c", "print('fine')"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    codes, out = wait([crashed, fine], timeout=60)
+    assert codes == [-signal.SIGSEGV, 0]
+    assert "Extension modules" not in out
+    tail = out[-600:]
+    assert tail.rstrip().endswith("Fatal Python error: Segmentation fault"), tail  # the rerun rule's line
+    assert "Current thread" in tail and "in forward" in tail and "in <module>" in tail, tail
+    assert (out.index("--- rank 1 (exit 0) ---") < out.index("step 1") < out.index("Thread 0x")
+            < out.index("Current thread") < out.index("Fatal"))
+    kept = (tmp_path / "crashes.txt").read_text()
+    assert "test_a_native_crash_shows" in kept and "--- rank 0 (exit -11) ---" in kept and "in forward" in kept
+    assert "--- rank 1" not in kept  # only the crashed rank
+
+
+def test_wait_reads_every_rank_at_once(tmp_path):
+    """Rank 1 prints 1 MiB before it lets rank 0 finish (as a collective would): read one rank after the
+    other, rank 1 blocks on its full pipe and neither exits before the timeout."""
+    from tests.test_train_support import wait
+    done = tmp_path / "rank1-done"
+    rank0 = f"import os, time\nwhile not os.path.exists({str(done)!r}): time.sleep(0.05)\nprint('rank 0 ok')"
+    rank1 = f"import sys\nsys.stdout.write('x' * (1 << 20) + '\\\\n'); sys.stdout.flush()\nopen({str(done)!r}, 'w').close()"
+    procs = [subprocess.Popen([sys.executable, "-c", body], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for body in (rank0, rank1)]
+    codes, out = wait(procs, timeout=30)
+    assert codes == [0, 0] and "rank 0 ok" in out and out.count("x") >= 1 << 20

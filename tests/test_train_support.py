@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import CRASH_LOG_ENV, CRASH_SEPARATOR
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 10
@@ -30,7 +36,8 @@ def free_port() -> int:
 def _cached(tmp_path_factory, name: str, done_marker: str, build) -> Path:
     out = tmp_path_factory.getbasetemp() / name
     if not (out / done_marker).exists():
-        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out, ignore_errors=True)  # a failed build's leftovers (a rerun after a crash builds again)
+        out.mkdir(parents=True)
         build(out)
     return out
 
@@ -82,6 +89,7 @@ def reference_run(embedded, tmp_path_factory) -> Path:
     def build(run: Path) -> None:
         codes, out = wait(launch(train_args(embedded, run)))
         assert codes == [0] * WORLD, out[-4000:]
+        (run / "ranks.out").write_text(out)  # what the ranks printed, for tests of the log itself
     return _cached(tmp_path_factory, "reference", "results.json", build)
 
 
@@ -109,21 +117,75 @@ def launch_script(script: str, world: int, *args: str) -> list[subprocess.Popen]
 
 
 def wait(procs, timeout: float = 400) -> tuple[list[int], str]:
+    """Wait for the ranks; (exit codes, their output). Every rank's pipe is read at once: read one after
+    the other, a rank that printed more than a pipe holds (64 KiB) blocked in its write while the rank
+    being read waited for it in a collective, and both hung until the timeout (a 3,000-step run did)."""
+    outs = [""] * len(procs)
+
+    def drain(i: int) -> None:
+        outs[i] = procs[i].stdout.read()
+
+    readers = [threading.Thread(target=drain, args=(i,), daemon=True) for i in range(len(procs))]
+    for reader in readers:
+        reader.start()
     deadline = time.time() + timeout
-    outs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=max(1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        outs.append(out)
+    try:
+        for p in procs:
+            p.wait(timeout=max(1, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        for q in procs:
+            q.kill()
+        raise
+    for reader, p in zip(readers, procs):
+        reader.join(timeout=max(1, deadline - time.time()))  # EOF once the rank and its workers are gone
+        if reader.is_alive():  # a process the rank started still holds its output pipe
+            raise subprocess.TimeoutExpired(p.args, timeout, output="".join(outs))
+        p.stdout.close()
     # Each rank's output under its own header, the failed ranks last and one killed by a signal (a native
     # crash) at the very end: callers show the tail, and the tail must be the rank that went first.
     order = sorted(range(len(procs)), key=lambda r: (procs[r].returncode < 0, procs[r].returncode != 0, r))
-    return [p.returncode for p in procs], "\n".join(f"--- rank {r} (exit {procs[r].returncode}) ---\n{outs[r]}"
-                                                      for r in order)
+    sections = [f"--- rank {r} (exit {procs[r].returncode}) ---\n{crash_last(outs[r])}" for r in order]
+    for r, p in enumerate(procs):
+        if -p.returncode in NATIVE_CRASHES:
+            keep_crash_report(sections[order.index(r)])
+    return [p.returncode for p in procs], "\n".join(sections)
+
+
+NATIVE_CRASHES = {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
+
+
+def keep_crash_report(section: str) -> None:
+    """Append a crashed rank's output to the run's crash log (tests/conftest.py prints it at the end)."""
+    path = os.environ.get(CRASH_LOG_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{CRASH_SEPARATOR}[{os.environ.get('PYTEST_CURRENT_TEST', '?')}]\n{section}\n")
+
+
+CRASH_HEAD = 360  # characters of faulthandler's header line(s) kept
+
+
+def crash_last(out: str) -> str:
+    """A rank's output with faulthandler's report (pretrain/main.py enables it) made readable in a tail.
+
+    The report lists every Python thread and then ~2,000 characters of extension-module names, so a
+    3,000-character tail used to show only the middle of the main thread's stack. Here the module list
+    goes, the crashed thread ("Current thread"; none when a native thread without Python frames crashed)
+    comes after the others, and the "Fatal Python error" line ends it all: a tail always holds that
+    line, which the Makefile's rerun-on-native-crash rule matches.
+    """
+    start = out.find("Fatal Python error")
+    if start < 0:
+        return out
+    before, report = out[:start], out[start:]
+    report = re.sub(r"\n\s*Extension modules:[^\n]*(\n|$)", "\n", report)
+    blocks = re.split(r"\n(?=(?:Current thread|Thread) 0x)", report)
+    current = [b.rstrip() for b in blocks[1:] if b.startswith("Current thread")]
+    others = [b.rstrip() for b in blocks[1:] if not b.startswith("Current thread")]
+    header = blocks[0].strip()[:CRASH_HEAD]
+    crashed = current or ["(no Python thread crashed: a native thread did)"]
+    return "\n".join([before + "(faulthandler: the other threads first, then the crashed one, then the error)",
+                      *others, *crashed, header]) + "\n"
 
 
 def records(run_dir: Path, kind: str = "train") -> list[dict]:
