@@ -71,8 +71,8 @@ def paired_table(title: str, runs: dict, noises, top1_label: str = "FMNIST top-1
 def headline_at_same_seeds(headline: tuple, runs: dict, noises, top1_label: str = "FMNIST top-1") -> list[str]:
     """The headline's paired top-1 difference over another table's seeds, where that table has fewer (the
     control runs the first 3 of 5): "the control gains X where the recipe gains Y" then compares like
-    with like, where the two tables' own rows average over different seeds."""
-    title, setting, head = headline
+    with like, where the two tables' own rows average over different seeds. Each seed's difference too."""
+    _, setting, head = headline
     lines = []
     for noise in noises:
         seeds = sorted(set(runs.get(("clip", noise), {})) & set(runs.get(("softclip", noise), {})))
@@ -80,12 +80,12 @@ def headline_at_same_seeds(headline: tuple, runs: dict, noises, top1_label: str 
         if not seeds or set(seeds) == set(hc) & set(hs) or not set(seeds) <= set(hc) & set(hs):
             continue
         diff = [metrics(hs[i], "test")["top1"] - metrics(hc[i], "test")["top1"] for i in seeds]
-        lines.append(f"| {noise:.0%} | {top1_label} | {mean_std(diff, signed=True)} | {interval95(diff)} | "
-                     f"{', '.join(map(str, seeds))} |")
+        per_seed = ", ".join(f"{i}: {100 * d:+.1f}" for i, d in zip(seeds, diff))
+        lines.append(f"| {noise:.0%} | {top1_label} | {mean_std(diff, signed=True)} | {interval95(diff)} | {per_seed} |")
     if not lines:
         return []
     return [f"The headline ({setting.name}) at the same seeds as this table:", "",
-            "| noise | metric | SoftCLIP − CLIP (paired) | 95% interval | seeds |", "|---|---|---|---|---|",
+            "| noise | metric | SoftCLIP − CLIP (paired) | 95% interval | per seed |", "|---|---|---|---|---|",
             *lines, ""]
 
 

@@ -161,7 +161,7 @@ def test_a_table_over_fewer_seeds_shows_the_headline_over_those_seeds(tmp_path):
     assert "| 40% | FMNIST top-1 | 21.0 ± 1.0 | 31.0 ± 1.0 | +10.0 ± 0.0 | [+10.0, +10.0] | 3 |" in md
     same = md.split("## CLIP vs SoftCLIP (y)")[1]
     assert f"The headline ({P.MOBILENET_B1.name}) at the same seeds as this table:" in same
-    assert "| 40% | FMNIST top-1 | +4.0 ± 0.0 | [+4.0, +4.0] | 0, 1, 2 |" in same
+    assert "| 40% | FMNIST top-1 | +4.0 ± 0.0 | [+4.0, +4.0] | 0: +4.0, 1: +4.0, 2: +4.0 |" in same
     assert md.count("at the same seeds") == 1   # not under the headline's own table
 
 
