@@ -2,10 +2,10 @@
 
 `make test` reruns a test once when a rank it started died of a native crash (Makefile: pytest-rerunfailures
 with --only-rerun on faulthandler's "Fatal Python error" line). A rare SIGSEGV/SIGABRT inside 2-rank gloo
-runs is an open fault (docs/training.md, "Known fault"): it is not in this repository's code as far as the
-evidence goes, and a second try of the same test passes. A rerun that passes would hide the crash's report,
-so `tests.test_train_support.wait` also appends every such report to a file, and this hook prints them in
-the terminal summary: the evidence reaches the CI log either way.
+runs is an open fault (docs/training.md, "Known fault"): the evidence points into gloo's thread, not this
+repository's code, and a second try of the same test has passed each time so far. A rerun that passes would
+hide the crash's report, so `tests.test_train_support.wait` also appends every such report to a file, and
+this hook prints them in the terminal summary: the evidence reaches the CI log either way.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 CRASH_LOG_ENV = "SOFTCLIP_TEST_CRASH_LOG"  # read by tests/test_train_support.py
+CRASH_SEPARATOR = "\n=== native crash ===\n"  # between reports in the log
 SHOWN_PER_CRASH = 4000  # characters of each report: its tail, where wait() puts the crashed thread
 
 
@@ -35,5 +36,3 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.write_line(report.strip()[-SHOWN_PER_CRASH:])
         terminalreporter.write_line("")
 
-
-CRASH_SEPARATOR = "\n=== native crash ===\n"
